@@ -1,0 +1,31 @@
+# UniFuseSlicer developer entry points. Every target creates/refreshes the local virtual
+# environment (.venv) itself, so `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch first, pinned: this takes the CPU wheel and keeps pip from pulling CUDA packages.
+TORCH  ?= torch==2.13.0
+DEMO_OUT ?= demo_output
+
+.PHONY: venv demo test bench info clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e ".[test,slicer]"
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/unifuse demo --out $(DEMO_OUT)
+
+test: venv
+	$(VPY) -m pytest -q
+
+info: venv
+	$(VENV)/bin/unifuse info
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

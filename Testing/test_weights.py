@@ -1,0 +1,87 @@
+"""Checkpoint format: round trip, SHA-256 verification and clear errors for bad files."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from unifuse.config import ModelConfig, tiny
+from unifuse.errors import WeightsError
+from unifuse.weights import checksum_path, load_checkpoint, save_checkpoint, sha256_of
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    return {"layer.weight": torch.randn(3, 4, generator=g), "layer.bias": torch.zeros(3)}
+
+
+def test_round_trip_keeps_config_tensors_and_metadata(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    digest = save_checkpoint(path, tiny(), _state(), {"trained": True, "steps": 12})
+    ckpt = load_checkpoint(path)
+    assert ckpt.config == tiny()
+    assert ckpt.metadata["steps"] == 12 and ckpt.metadata["trained"] is True
+    assert "unifuse_version" in ckpt.metadata
+    assert torch.equal(ckpt.state_dict["layer.weight"], _state()["layer.weight"])
+    assert ckpt.sha256 == digest == sha256_of(path)
+    assert checksum_path(path).read_text().split()[0] == digest
+    assert ckpt.model_id.startswith("unifuse-tiny-")
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_missing_checksum_is_refused(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, tiny(), _state())
+    checksum_path(path).unlink()
+    with pytest.raises(WeightsError, match=r"\.sha256"):
+        load_checkpoint(path)
+
+
+def test_modified_file_fails_checksum(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, tiny(), _state())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupt or was modified"):
+        load_checkpoint(path)
+
+
+def test_truncated_file_with_matching_checksum_is_unreadable(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, tiny(), _state())
+    path.write_bytes(path.read_bytes()[:100])
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    with pytest.raises(WeightsError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_foreign_pickle_is_not_executed(tmp_path):
+    """weights_only loading refuses arbitrary objects: a checkpoint cannot run code."""
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "unifuse-checkpoint", "obj": ModelConfig()}, path)  # a class instance, not plain data
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    with pytest.raises(WeightsError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_other_format_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": _state()}, path)
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    with pytest.raises(WeightsError, match="not a UniFuse checkpoint"):
+        load_checkpoint(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = tmp_path / "future.pt"
+    torch.save({"format": "unifuse-checkpoint", "format_version": 99, "config": tiny().to_dict(),
+                "state_dict": _state()}, path)
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    with pytest.raises(WeightsError, match="upgrade unifuse"):
+        load_checkpoint(path)

@@ -1,0 +1,136 @@
+"""Model configurations of the UniFuse 3D network.
+
+Every width and depth is a field here so the same code builds the ``tiny`` network used by the tests,
+the ``default`` network whose weights ship with the extension, and the paper-size ``paper`` network
+used by the benchmark. Configs are plain dataclasses serialised into checkpoints (``to_dict``/``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+#: Degradation classes of the DAPL classifier (index = class id). Ñ = 4.
+DEGRADATION_CLASSES: Tuple[str, ...] = ("none", "motion", "metal", "lowdose")
+#: Human-readable names of :data:`DEGRADATION_CLASSES` for reports and GUIs.
+DEGRADATION_LABELS: Dict[str, str] = {
+    "none": "no degradation",
+    "motion": "MRI motion artifacts",
+    "metal": "CT metal artifacts + noise",
+    "lowdose": "low-dose PET noise",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of :class:`unifuse.model.UniFuse` (names follow the paper's symbols).
+
+    Attributes:
+        name: config name recorded in checkpoints and reports.
+        working_size: edge S of the isotropic S³ working grid the weights are trained at (voxels).
+        enc_channels: C, channels of the shared encoder's output F_R, F'_D.
+        patch_size: Q, edge of the cubic patches turned into tokens; N = (S/Q)³ tokens per volume.
+        embed_dim: M, token length.
+        d_state: state size of every selective scan (S6).
+        expand: inner-width factor of the Mamba blocks.
+        d_conv: kernel of the causal depthwise convolution in the Mamba blocks.
+        num_degradations: Ñ, degradation classes (see :data:`DEGRADATION_CLASSES`).
+        prompt_len: L, prompts per degradation class in the prompt set P ∈ R^{Ñ×L×M}.
+        num_regblks: J, RegBLKs in the feature-alignment (FA) module.
+        unet_channels: channel widths of the UFR&F U-Net levels (full resolution first).
+        lora_rank: rank of each LoRA branch in ALSN.
+        max_displacement: bound of the predicted field, as a fraction of the working grid edge (tanh-scaled).
+    """
+
+    name: str = "default"
+    working_size: int = 64
+    enc_channels: int = 16
+    patch_size: int = 4
+    embed_dim: int = 64
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    num_degradations: int = len(DEGRADATION_CLASSES)
+    prompt_len: int = 8
+    num_regblks: int = 4
+    unet_channels: Tuple[int, ...] = (16, 32, 64)
+    lora_rank: int = 4
+    max_displacement: float = 0.25
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_multiple(self) -> int:
+        """Working-grid edges must be a multiple of this (patching and U-Net pooling)."""
+        levels = 2 ** (len(self.unet_channels) - 1)
+        return math.lcm(self.patch_size, levels)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["unet_channels"] = list(self.unet_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; this checkpoint needs a newer unifuse")
+        d = dict(d)
+        if "unet_channels" in d:
+            d["unet_channels"] = tuple(d["unet_channels"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def tiny() -> ModelConfig:
+    """A few-thousand-parameter network for unit tests (16³–32³ grids, runs in milliseconds on CPU)."""
+    return ModelConfig(
+        name="tiny",
+        working_size=16,
+        enc_channels=4,
+        patch_size=4,
+        embed_dim=16,
+        d_state=4,
+        expand=2,
+        d_conv=2,
+        prompt_len=2,
+        num_regblks=2,
+        unet_channels=(8, 16),
+        lora_rank=2,
+    )
+
+
+def default() -> ModelConfig:
+    """The network whose weights ship with the extension (trained on CPU-affordable 64³ grids)."""
+    return ModelConfig()
+
+
+def paper() -> ModelConfig:
+    """Paper-scale widths at the paper's 160³ working grid (benchmark only; no shipped weights)."""
+    return ModelConfig(
+        name="paper",
+        working_size=160,
+        enc_channels=32,
+        patch_size=8,
+        embed_dim=128,
+        d_state=16,
+        prompt_len=16,
+        num_regblks=4,
+        unet_channels=(32, 64, 128, 256),
+        lora_rank=8,
+    )
+
+
+CONFIGS = {"tiny": tiny, "default": default, "paper": paper}
+
+
+def get_config(name: str) -> ModelConfig:
+    """Look a config up by name (``tiny``, ``default``, ``paper``)."""
+    try:
+        return CONFIGS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}") from None

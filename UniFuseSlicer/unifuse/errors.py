@@ -1,0 +1,36 @@
+"""Exception types of the UniFuse core.
+
+Every error a user can cause derives from :class:`UniFuseError` and carries a message that names the
+problem and the fix. Front ends (CLI, Slicer module) catch ``UniFuseError`` and show ``str(error)`` as a
+single readable line; anything else is a bug and is reported with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UniFuseError(Exception):
+    """Base class of all user-facing UniFuse errors."""
+
+
+class InputImageError(UniFuseError, ValueError):
+    """An input volume cannot be used (unreadable, wrong dimension, empty, non-finite, ...)."""
+
+
+class GeometryError(UniFuseError, ValueError):
+    """Reference and moving volumes are geometrically incompatible (e.g. no physical overlap)."""
+
+
+class WeightsError(UniFuseError):
+    """A weights file is missing, corrupt, of an unknown format, or does not match its checksum."""
+
+
+class DeviceError(UniFuseError, RuntimeError):
+    """The requested compute device is not available."""
+
+
+class OutputExistsError(UniFuseError, FileExistsError):
+    """An output file already exists and overwriting was not requested."""
+
+
+class CancelledError(UniFuseError):
+    """The run was cancelled by the user; no outputs were written."""
