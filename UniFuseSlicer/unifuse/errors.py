@@ -34,3 +34,7 @@ class OutputExistsError(UniFuseError, FileExistsError):
 
 class CancelledError(UniFuseError):
     """The run was cancelled by the user; no outputs were written."""
+
+
+class DatasetError(UniFuseError, ValueError):
+    """A dataset folder is missing, empty, or does not follow the expected layout."""

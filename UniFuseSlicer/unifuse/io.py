@@ -1,0 +1,332 @@
+"""Reading, validating and atomically writing volumes (and JSON reports).
+
+* :func:`read_image` — any single file SimpleITK reads (NIfTI, NRRD, MetaImage, ...) or a DICOM folder.
+  In a folder, every DICOM series found in it *and its sub-folders* is listed and the one with the most
+  files (slices) is read; ties go to the first series in sorted (folder, series UID) order. Input files are
+  only opened for reading.
+* :func:`validate_volume` — checks that a volume can be fused (3D, scalar, >= 8 voxels per axis, finite,
+  not constant) and returns a float32 copy; every rejection names the volume's role and the fix.
+* :func:`write_image` / :func:`write_json` — atomic: the data go to a temporary file in the destination
+  folder (same extension, so SimpleITK picks the same writer) which is then renamed over the destination
+  with ``os.replace``; a crash never leaves a half-written output under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable, List, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputImageError, OutputExistsError, UniFuseError
+
+__all__ = [
+    "MIN_SIZE",
+    "IMAGE_EXTENSIONS",
+    "read_image",
+    "find_dicom_series",
+    "validate_volume",
+    "write_image",
+    "write_json",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Smallest accepted number of voxels along each axis.
+MIN_SIZE = 8
+#: Single-file formats :func:`write_image` writes (detached-header formats such as .mhd/.nhdr/.hdr would
+#: need two files renamed together, which cannot be atomic).
+IMAGE_EXTENSIONS: Tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
+_SUPPORTED_INPUT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+
+
+# --------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # SimpleITK messages end with the useful description; keep it short
+    return lines[-1] if lines else type(exc).__name__
+
+
+def find_dicom_series(folder: PathLike) -> List[Tuple[str, List[str]]]:
+    """All DICOM series in ``folder`` and its sub-folders as (series instance UID, sorted file names),
+    ordered by decreasing number of files (ties: sorted folder, then UID)."""
+    found: List[Tuple[int, str, str, List[str]]] = []
+    for directory, subdirs, files in os.walk(str(folder)):
+        subdirs.sort()
+        if not files:
+            continue
+        for uid in sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory)):
+            names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid))
+            if names:
+                found.append((-len(names), directory, uid, names))
+    found.sort(key=lambda item: (item[0], item[1], item[2]))
+    return [(uid, names) for _, _, uid, names in found]
+
+
+def read_image(path: PathLike) -> sitk.Image:
+    """Read a volume from a file or a DICOM series folder.
+
+    Args:
+        path: a file SimpleITK can read, or a folder containing a DICOM series (the largest series in the
+            folder tree is read, see the module docstring).
+
+    Returns:
+        The image as stored (pixel type and LPS geometry of the file).
+
+    Raises:
+        InputImageError: the path does not exist, the file cannot be read, or the folder has no DICOM series.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise InputImageError(
+            f"input not found: '{p}' does not exist; check the path (quote it if it contains spaces) and that "
+            "the file or folder was copied completely"
+        )
+    if p.is_dir():
+        series = find_dicom_series(p)
+        if not series:
+            raise InputImageError(
+                f"'{p}' is a folder but no DICOM series was found in it or its sub-folders; point to the folder "
+                f"holding the DICOM slices, or to an image file: {_SUPPORTED_INPUT}"
+            )
+        uid, names = series[0]
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(names)
+        try:
+            return reader.Execute()
+        except RuntimeError as exc:
+            raise InputImageError(
+                f"cannot read the DICOM series {uid} ({len(names)} files) in '{p}': {_first_line(exc)}; "
+                "re-export the series from the scanner/PACS or convert it to NIfTI"
+            ) from exc
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputImageError(
+            f"cannot read '{p}': {_first_line(exc)}. The file is corrupt, truncated or not an image format "
+            f"SimpleITK supports; re-export it as {_SUPPORTED_INPUT}"
+        ) from exc
+    _check_nifti_complete(p)
+    return image
+
+
+def _check_nifti_complete(p: Path) -> None:
+    """Raise if a NIfTI file holds fewer voxel bytes than its header announces.
+
+    ITK's NIfTI reader silently pads a truncated .nii/.nii.gz (e.g. an interrupted copy) with zeros, so the
+    size is checked here: header via nibabel (which reads only the header), data length from the file size
+    (.nii) or by streaming the gzip data (.nii.gz; a cut gzip stream also fails its end-of-stream check).
+    """
+    name = p.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    import nibabel
+
+    try:
+        header = nibabel.load(str(p)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - a header nibabel cannot parse was read fine by SimpleITK: trust it
+        return
+    fix = f"copy the file again or re-export it (it is incomplete), or use another format: {_SUPPORTED_INPUT}"
+    if name.endswith(".gz"):
+        total = 0
+        try:
+            with gzip.open(p, "rb") as stream:
+                while True:
+                    chunk = stream.read(1 << 22)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise InputImageError(f"cannot read '{p}': the compressed data are truncated or corrupt ({exc}); {fix}") from exc
+    else:
+        total = p.stat().st_size
+    if total < expected:
+        raise InputImageError(
+            f"cannot read '{p}': the file is truncated ({total} of the {expected} bytes its header announces); {fix}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# validation
+
+_COMPLEX_TYPES = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+
+
+def validate_volume(image: sitk.Image, role: str) -> sitk.Image:
+    """Check that ``image`` can be used as the ``role`` volume and return a float32 scalar copy.
+
+    Accepted: 3D scalar volumes of any real pixel type (int16 with negative HU, uint8, uint16, float, ...),
+    at least :data:`MIN_SIZE` voxels along every axis, all values finite, not constant. The input is never
+    modified (the returned image is a separate float32 image with the same geometry).
+
+    Args:
+        image: the volume.
+        role: ``"reference"`` or ``"moving"`` — named in every error message.
+
+    Raises:
+        InputImageError: with a message naming ``role``, the problem and the fix.
+    """
+    dim = image.GetDimension()
+    size = tuple(image.GetSize())
+    if dim == 2:
+        raise InputImageError(
+            f"the {role} image is 2D (size {size}); UniFuse needs a 3D volume: load the whole series or "
+            "volume, not a single slice or screenshot"
+        )
+    if dim == 4:
+        raise InputImageError(
+            f"the {role} image is 4D (size {size}, e.g. a time series or multi-echo/diffusion volume); "
+            "extract one 3D frame first (e.g. sitk.Extract, or a Slicer sequence browser) and use that"
+        )
+    if dim != 3:
+        raise InputImageError(f"the {role} image has {dim} dimensions (size {size}); UniFuse needs a 3D volume")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InputImageError(
+            f"the {role} image has {components} components per voxel (a colour, vector or tensor image); "
+            "convert it to a single-channel (grayscale) volume first"
+        )
+    if image.GetPixelID() in _COMPLEX_TYPES:
+        raise InputImageError(
+            f"the {role} image has complex-valued voxels; take the magnitude (sitk.ComplexToModulus) first"
+        )
+    if image.GetNumberOfPixels() == 0:
+        raise InputImageError(
+            f"the {role} image is empty (size {size}, 0 voxels); the file holds a header without image data — "
+            "re-export the volume"
+        )
+    if min(size) < MIN_SIZE:
+        axis = "xyz"[int(np.argmin(size))]
+        raise InputImageError(
+            f"the {role} image is too small: size {size} has only {min(size)} voxel(s) along {axis}; UniFuse "
+            f"needs at least {MIN_SIZE} voxels along every axis (a single slice or thin slab cannot be aligned "
+            "in 3D) — use the full volume"
+        )
+    out = sitk.Cast(image, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(out)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputImageError(
+            f"the {role} image has {bad} of {values.size} voxels ({100.0 * bad / values.size:.3g}%) that are NaN "
+            "or infinite; replace them with a finite value (e.g. the background value, numpy.nan_to_num) and "
+            "save the volume again"
+        )
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise InputImageError(
+            f"the {role} image is constant (all {values.size} voxels equal {low:g}), so it contains no anatomy; "
+            "check that the right file/series was chosen"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# atomic writing
+
+
+def _image_extension(p: Path) -> str:
+    name = p.name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if name.endswith(ext) and len(name) > len(ext):
+            return ext
+    raise UniFuseError(
+        f"cannot write '{p}': unsupported extension; use one of {', '.join(IMAGE_EXTENSIONS)}"
+    )
+
+
+def _check_destination(p: Path, overwrite: bool) -> None:
+    if p.is_dir():
+        raise OutputExistsError(f"'{p}' is an existing folder; give a file name for the output")
+    if p.exists() and not overwrite:
+        raise OutputExistsError(
+            f"'{p}' already exists; choose another output path or allow overwriting (overwrite=True, CLI "
+            "--overwrite)"
+        )
+
+
+def _atomic_write(path: PathLike, overwrite: bool, suffix: str, write: Callable[[Path], None]) -> Path:
+    """Write via a temporary sibling file (same ``suffix``) renamed over ``path`` when complete."""
+    p = Path(os.fspath(path)).expanduser()
+    _check_destination(p, overwrite)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UniFuseError(f"cannot create the output folder '{p.parent}': {exc.strerror}; choose a writable "
+                           "location") from exc
+    stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=str(p.parent))
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (RuntimeError, OSError)):
+            raise UniFuseError(
+                f"could not write '{p}': {_first_line(exc)}; check that the folder is writable and the disk "
+                "has free space"
+            ) from exc
+        raise
+    return p
+
+
+def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
+    """Atomically write ``image`` to ``path`` (.nii.gz, .nii, .nrrd or .mha), creating parent folders.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is False (nothing is written).
+        UniFuseError: unsupported extension or the write failed (no partial file is left behind).
+
+    Returns:
+        The written path.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    _check_destination(p, overwrite)
+    ext = _image_extension(p)
+    compress = ext != ".nii"
+    return _atomic_write(p, overwrite, ext, lambda tmp: sitk.WriteImage(image, str(tmp), compress))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def write_json(obj: Any, path: PathLike, overwrite: bool = False) -> Path:
+    """Atomically write ``obj`` as UTF-8 JSON (indent 2; numpy scalars/arrays, paths and dataclasses are
+    converted). The object is serialised before anything touches the disk.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
+        TypeError: ``obj`` holds something JSON cannot represent.
+    """
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    data = text.encode("utf-8")
+    suffix = Path(os.fspath(path)).suffix
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _atomic_write(path, overwrite, suffix, write)
