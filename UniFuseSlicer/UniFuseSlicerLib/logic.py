@@ -1,0 +1,728 @@
+"""MRML logic of the UniFuse module: run the core on two volume nodes and put the outputs in the scene.
+
+Two ways to run, same scene result:
+
+* in-process: :meth:`FusionLogic.process` converts the nodes to SimpleITK images, calls ``unifuse.fuse``
+  and adds the outputs (used from the Python console, by the module's self-test and by the tests);
+* background process (the GUI's default, keeps Slicer responsive): :meth:`FusionLogic.start_background`
+  writes the inputs to a temporary folder, runs ``python -m unifuse.cli fuse ... --machine-progress`` via
+  :class:`~background.CliProcess` and, when it succeeds, loads the files with
+  :meth:`FusionLogic.load_cli_outputs`.
+
+Guarantees: the input nodes are never modified (not their voxels, geometry, parent transform or display);
+every output is a NEW node unless the caller passes existing output nodes; a run that fails or is cancelled
+leaves the scene as it was (outputs are added only after the core finished, and nodes created before a
+failure while adding are removed again).
+
+Outputs (all on the reference grid) and their node types:
+
+==================== ============================== ===================================================
+role                 node                           content
+==================== ============================== ===================================================
+``fused``            vtkMRMLScalarVolumeNode        fused volume (reference intensity units)
+``aligned``          vtkMRMLScalarVolumeNode        moving volume resampled once through the transform
+``displacement``     vtkMRMLGridTransformNode       ``x -> x + U(x)`` as from-parent transform, RAS mm
+``error_map``        vtkMRMLScalarVolumeNode        local dissimilarity after alignment, [0, 1]
+``error_map_before`` vtkMRMLScalarVolumeNode        the same before the network (header pre-alignment)
+``jacobian``         vtkMRMLScalarVolumeNode        det of the Jacobian of ``x -> x + U(x)``; <= 0 folds
+==================== ============================== ===================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+import slicer
+from unifuse.errors import CancelledError, GeometryError, InputImageError, UniFuseError
+from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE  # file names written by FusionResult.save / the CLI
+
+from . import display, hierarchy
+from .background import CliProcess
+from .transforms import displacement_to_grid_transform, displacement_to_grid_transform_node
+from .volumes import image_to_volume_node, volume_node_to_image
+
+__all__ = [
+    "VOLUME_ROLES",
+    "ROLES",
+    "OUTPUT_FILES",
+    "REPORT_FILE",
+    "OutputNodes",
+    "FusionNodes",
+    "FusionLogic",
+    "BackgroundFusion",
+    "build_cli_command",
+    "cli_environment",
+    "python_executable",
+    "core_package_parent",
+    "format_summary",
+]
+
+#: Output roles stored in scalar volume nodes.
+VOLUME_ROLES: Tuple[str, ...] = ("fused", "aligned", "error_map", "error_map_before", "jacobian")
+#: All output roles (``displacement`` is a grid transform node).
+ROLES: Tuple[str, ...] = ("fused", "aligned", "displacement", "error_map", "error_map_before", "jacobian")
+#: Output node name suffixes (after the moving volume's name).
+_NAME_SUFFIX = {
+    "fused": "fused",
+    "aligned": "aligned",
+    "displacement": "UniFuse transform",
+    "error_map": "alignment error after",
+    "error_map_before": "alignment error before",
+    "jacobian": "Jacobian determinant",
+}
+_LEGEND_TITLE = {
+    "error_map": "Alignment error (after)",
+    "error_map_before": "Alignment error (before)",
+    "jacobian": "Jacobian determinant",
+}
+#: Largest difference (mm, or direction cosine) between an output file's grid and the reference grid that is
+#: attributed to file precision (NIfTI stores geometry in float32) and snapped to the exact reference grid.
+GRID_TOLERANCE = 1e-3
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class OutputNodes:
+    """Existing nodes to overwrite with a run's outputs; a role left None gets a new node."""
+
+    fused: Optional[Any] = None
+    aligned: Optional[Any] = None
+    displacement: Optional[Any] = None
+    error_map: Optional[Any] = None
+    error_map_before: Optional[Any] = None
+    jacobian: Optional[Any] = None
+
+    def get(self, role: str) -> Optional[Any]:
+        return getattr(self, role)
+
+
+@dataclass
+class FusionNodes:
+    """The scene nodes of one UniFuse run.
+
+    Attributes:
+        reference, moving: the input volume nodes (unchanged).
+        fused, aligned, error_map, error_map_before, jacobian: ``vtkMRMLScalarVolumeNode`` on the reference grid.
+        displacement: ``vtkMRMLGridTransformNode``; its from-parent transform is ``x -> x + U(x)`` (RAS mm).
+        folder_item: subject-hierarchy folder holding the outputs.
+        degradation: degradation class the core used; probabilities: classifier output per class.
+        report: the core's run report (device, timings, model, ...).
+    """
+
+    reference: Any
+    moving: Any
+    fused: Any
+    aligned: Any
+    displacement: Any
+    error_map: Any
+    error_map_before: Any
+    jacobian: Any
+    folder_item: int
+    degradation: str
+    probabilities: Dict[str, float] = field(default_factory=dict)
+    report: Dict[str, Any] = field(default_factory=dict)
+
+    def node(self, role: str) -> Any:
+        """Output node of ``role`` (one of :data:`ROLES`)."""
+        if role not in ROLES:
+            raise KeyError(f"unknown output role {role!r}; use one of {ROLES}")
+        return getattr(self, role)
+
+    def output_nodes(self) -> Dict[str, Any]:
+        return {role: self.node(role) for role in ROLES}
+
+    def summary(self) -> str:
+        return format_summary(self.degradation, self.probabilities, self.report)
+
+
+def format_summary(degradation: str, probabilities: Mapping[str, float], report: Mapping[str, Any]) -> str:
+    """Plain-text status of a run: diagnosis with probabilities, timings, device, model, warnings."""
+    from unifuse.config import DEGRADATION_LABELS
+
+    lines = [f"Degradation used: {DEGRADATION_LABELS.get(degradation, degradation)}"]
+    requested = report.get("degradation", {}).get("requested") if isinstance(report.get("degradation"), Mapping) else None
+    if requested and requested != "auto":
+        lines[0] += f" (set by the user; classifier: {report['degradation'].get('predicted', '?')})"
+    for name, p in sorted(probabilities.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {DEGRADATION_LABELS.get(name, name):<28s} {100.0 * float(p):5.1f} %")
+    timings = report.get("timings_s", {})
+    if timings:
+        stages = ", ".join(f"{k} {float(v):.2f} s" for k, v in timings.items() if k != "total")
+        total = timings.get("total")
+        lines.append(f"Time: {float(total):.2f} s ({stages})" if total is not None else f"Time: {stages}")
+    if report.get("device"):
+        lines.append(f"Device: {report['device']}")
+    model = report.get("model", {})
+    if isinstance(model, Mapping) and model:
+        lines.append(f"Model: {model.get('id', '?')} ({'trained' if model.get('trained') else 'UNTRAINED'})")
+    folding = report.get("folding_percent", {})
+    if isinstance(folding, Mapping) and "reference_grid" in folding:
+        lines.append(f"Folding voxels: {float(folding['reference_grid']):.3f} %")
+    errors = report.get("error_map_mean", {})
+    if isinstance(errors, Mapping) and {"before", "after"} <= set(errors):
+        lines.append(f"Mean alignment error: {float(errors['before']):.4f} before -> {float(errors['after']):.4f} after")
+    if report.get("warning"):
+        lines.append(f"WARNING: {report['warning']}")
+    return "\n".join(lines)
+
+
+def _require_volume(node: Any, role: str) -> None:
+    if node is None:
+        raise InputImageError(f"no {role} volume selected; select a scalar volume as {role}")
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputImageError(f"the {role} '{node.GetName()}' is a {node.GetClassName()}; select a scalar volume")
+
+
+def _require_inputs(reference_node: Any, moving_node: Any) -> None:
+    _require_volume(reference_node, "reference")
+    _require_volume(moving_node, "moving")
+    if reference_node is moving_node:
+        raise InputImageError("reference and moving are the same volume; select two different volumes")
+
+
+def _validate_outputs(outputs: "OutputNodes", reference_node: Any, moving_node: Any) -> None:
+    """Selected output nodes must have the right type and must not be an input."""
+    for role in ROLES:
+        node = outputs.get(role)
+        if node is None:
+            continue
+        wanted = "vtkMRMLGridTransformNode" if role == "displacement" else "vtkMRMLScalarVolumeNode"
+        if not node.IsA(wanted):
+            raise InputImageError(f"output '{node.GetName()}' for {role} is a {node.GetClassName()}; select a "
+                                  f"{wanted[7:-4]} node or 'create new'")
+        if node in (reference_node, moving_node):
+            raise InputImageError(f"the {role} output cannot overwrite an input volume; choose 'create new'")
+
+
+def _json_safe_options(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Options as recorded in node attributes: callables dropped, configs by name, paths as strings."""
+    safe: Dict[str, Any] = {}
+    for key, value in options.items():
+        if callable(value):
+            continue
+        if hasattr(value, "name") and hasattr(value, "to_dict"):  # ModelConfig
+            value = value.name
+        elif isinstance(value, Path):
+            value = str(value)
+        safe[key] = value
+    return safe
+
+
+class FusionLogic:
+    """UniFuse on MRML nodes of one scene (no Qt needed).
+
+    Args:
+        scene: the ``vtkMRMLScene`` holding the input volumes; outputs are added to it.
+    """
+
+    def __init__(self, scene: "slicer.vtkMRMLScene") -> None:
+        if scene is None:
+            raise ValueError("FusionLogic needs a MRML scene")
+        self.scene = scene
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    def process(
+        self,
+        reference_node: "slicer.vtkMRMLScalarVolumeNode",
+        moving_node: "slicer.vtkMRMLScalarVolumeNode",
+        degradation: str = "auto",
+        device: str = "auto",
+        weights: Union[None, str, Path] = None,
+        progress: Optional[ProgressFn] = None,
+        *,
+        outputs: Optional[OutputNodes] = None,
+        show: bool = True,
+        **options: Any,
+    ) -> FusionNodes:
+        """Fuse ``moving_node`` onto ``reference_node`` in this process and add the outputs to the scene.
+
+        Args:
+            reference_node: good-quality reference volume (fixed space; outputs live on its grid).
+            moving_node: second modality, possibly misaligned and degraded.
+            degradation: ``"auto"`` or one of ``none``, ``motion``, ``metal``, ``lowdose``.
+            device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+            weights: checkpoint file; None = the shipped weights.
+            progress: ``progress(fraction, message)``, fraction in [0, 1].
+            outputs: existing nodes to overwrite (per role); default: new nodes for every output.
+            show: set the slice views to reference (background) + fused (foreground, opacity 0.5).
+            **options: passed to ``unifuse.fuse`` (``working_size``, ``config``, ``init``, ``cancel``, ...).
+
+        Returns:
+            :class:`FusionNodes` of the new (or overwritten) output nodes.
+
+        Raises:
+            unifuse.errors.UniFuseError: bad inputs/options (message names the fix); CancelledError when
+                ``cancel()`` returned True. The scene is unchanged in both cases.
+        """
+        import unifuse
+
+        _require_inputs(reference_node, moving_node)
+        _validate_outputs(outputs or OutputNodes(), reference_node, moving_node)
+        reference_image = volume_node_to_image(reference_node)
+        moving_image = volume_node_to_image(moving_node)
+        result = unifuse.fuse(
+            reference_image, moving_image, degradation=degradation, device=device, weights=weights,
+            progress=progress, **options,
+        )
+        recorded = {"degradation": degradation, "device": device, "weights": str(weights) if weights else None,
+                    **_json_safe_options(options), "mode": "in-process"}
+        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs)
+        if show:
+            self.show_result(nodes)
+        return nodes
+
+    def start_background(
+        self,
+        reference_node: "slicer.vtkMRMLScalarVolumeNode",
+        moving_node: "slicer.vtkMRMLScalarVolumeNode",
+        degradation: str = "auto",
+        device: str = "auto",
+        weights: Union[None, str, Path] = None,
+        working_size: Optional[int] = None,
+        config: Optional[str] = None,
+        on_progress: Optional[ProgressFn] = None,
+        on_log: Optional[Callable[[str], None]] = None,
+        outputs: Optional[OutputNodes] = None,
+        python: Optional[str] = None,
+    ) -> "BackgroundFusion":
+        """Start a background run (see :class:`BackgroundFusion`); poll it until it returns the nodes."""
+        _require_inputs(reference_node, moving_node)
+        _validate_outputs(outputs or OutputNodes(), reference_node, moving_node)
+        run = BackgroundFusion(
+            self, reference_node, moving_node,
+            options={"degradation": degradation, "device": device, "weights": str(weights) if weights else None,
+                     "working_size": working_size, "config": config},
+            on_progress=on_progress, on_log=on_log, outputs=outputs, python=python,
+        )
+        run.start()
+        return run
+
+    # -- scene -------------------------------------------------------------------------------------------
+
+    def add_result(
+        self,
+        result: Any,
+        reference_node: "slicer.vtkMRMLScalarVolumeNode",
+        moving_node: "slicer.vtkMRMLScalarVolumeNode",
+        options: Optional[Mapping[str, Any]] = None,
+        outputs: Optional[OutputNodes] = None,
+    ) -> FusionNodes:
+        """Add a ``unifuse.FusionResult`` (or any object with the same fields) to the scene.
+
+        All-or-nothing: every image, the field and the selected output nodes are validated before the scene is
+        touched; nodes created here are removed again if adding still fails.
+        """
+        outputs = outputs or OutputNodes()
+        _validate_outputs(outputs, reference_node, moving_node)
+        for role in VOLUME_ROLES:
+            image = getattr(result, role)
+            if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+                raise InputImageError(f"the '{role}' output is not a 3-D scalar image")
+        grid_transform = displacement_to_grid_transform(result.displacement)  # validates the field
+
+        report = dict(getattr(result, "report", {}) or {})
+        attributes = hierarchy.provenance_attributes(
+            reference_node, moving_node, dict(options or {}), report, result.degradation, result.probabilities
+        )
+        base = moving_node.GetName() or "moving"
+        ids_before = set(_node_ids(self.scene))
+        folder_item: Optional[int] = None
+        self.scene.StartState(slicer.vtkMRMLScene.BatchProcessState)
+        try:
+            nodes: Dict[str, Any] = {}
+            for role in VOLUME_ROLES:
+                existing = outputs.get(role)
+                nodes[role] = image_to_volume_node(getattr(result, role), self.scene,
+                                                   f"{base} {_NAME_SUFFIX[role]}", node=existing)
+            transform_node = displacement_to_grid_transform_node(
+                None, self.scene, f"{base} {_NAME_SUFFIX['displacement']}", node=outputs.get("displacement"),
+                transform=grid_transform,
+            )
+            nodes["displacement"] = transform_node
+
+            display.configure_intensity_display(nodes["fused"])
+            display.configure_intensity_display(nodes["aligned"])
+            for role in ("error_map", "error_map_before"):
+                display.configure_colormap_display(nodes[role], display.ERROR_MAP_TABLE, _LEGEND_TITLE[role])
+            display.configure_colormap_display(nodes["jacobian"], display.JACOBIAN_TABLE, _LEGEND_TITLE["jacobian"])
+            display.show_deformation_grid(transform_node, reference_node, visible=False)
+
+            for role, node in nodes.items():
+                hierarchy.tag_node(node, role, attributes)
+            folder_item = hierarchy.create_output_folder(reference_node, moving_node, attributes, report)
+            hierarchy.place_in_folder([nodes[r] for r in ROLES], folder_item)
+        except Exception:
+            # Roll back: the folder item, then every node this call added (outputs, display, legend, colour
+            # table and storage nodes).
+            if folder_item is not None:
+                sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+                sh.RemoveItem(folder_item, False, False)
+            for node_id in reversed([i for i in _node_ids(self.scene) if i not in ids_before]):
+                node = self.scene.GetNodeByID(node_id)
+                if node is not None:
+                    self.scene.RemoveNode(node)
+            raise
+        finally:
+            self.scene.EndState(slicer.vtkMRMLScene.BatchProcessState)
+        return FusionNodes(
+            reference=reference_node, moving=moving_node, folder_item=int(folder_item),
+            degradation=str(result.degradation), probabilities=dict(result.probabilities), report=report, **nodes,
+        )
+
+    def show_result(
+        self,
+        nodes: FusionNodes,
+        overlay: str = "fused",
+        opacity: float = 0.5,
+        show_grid: Optional[bool] = None,
+    ) -> None:
+        """Slice views: reference underneath, the ``overlay`` output on top with ``opacity``; legends of
+        colour-mapped overlays visible; the deformation grid shown/hidden when ``show_grid`` is given."""
+        if overlay not in VOLUME_ROLES:
+            raise ValueError(f"overlay must be one of {VOLUME_ROLES}; got {overlay!r}")
+        display.show_slice_layers(
+            self.scene, nodes.reference, nodes.node(overlay), opacity,
+            legend_candidates=[nodes.node(r) for r in VOLUME_ROLES],
+        )
+        if show_grid is not None:
+            display.show_deformation_grid(nodes.displacement, nodes.reference, visible=show_grid)
+
+    def nodes_from_output(self, output_node: Any) -> Optional[FusionNodes]:
+        """Rebuild the :class:`FusionNodes` of a run from any one of its output nodes (e.g. after a scene
+        was saved and loaded): the run's nodes are the ones in the same subject-hierarchy folder carrying a
+        ``UniFuse.Role`` attribute; the inputs come from the ``UniFuse.ReferenceID``/``MovingID`` attributes.
+
+        Returns None when the node is not a UniFuse output or the run is incomplete (a node was deleted).
+        """
+        if output_node is None or output_node.GetAttribute(hierarchy.ROLE_ATTRIBUTE) not in ROLES:
+            return None
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        item = sh.GetItemByDataNode(output_node)
+        folder = sh.GetItemParent(item) if item != sh.GetInvalidItemID() else sh.GetInvalidItemID()
+        if folder in (sh.GetInvalidItemID(), sh.GetSceneItemID()):
+            return None
+        children = _item_children(sh, folder)
+        nodes: Dict[str, Any] = {}
+        for child in children:
+            node = sh.GetItemDataNode(child)
+            role = node.GetAttribute(hierarchy.ROLE_ATTRIBUTE) if node is not None else None
+            if role in ROLES and role not in nodes:
+                nodes[role] = node
+        reference = self.scene.GetNodeByID(output_node.GetAttribute("UniFuse.ReferenceID") or "")
+        moving = self.scene.GetNodeByID(output_node.GetAttribute("UniFuse.MovingID") or "")
+        if set(nodes) != set(ROLES) or reference is None or moving is None:
+            return None
+        report_text = sh.GetItemAttribute(folder, "UniFuse.Report")
+        report = json.loads(report_text) if report_text else {}
+        probabilities = json.loads(output_node.GetAttribute("UniFuse.Probabilities") or "{}")
+        return FusionNodes(
+            reference=reference, moving=moving, folder_item=int(folder),
+            degradation=output_node.GetAttribute("UniFuse.Degradation") or "unknown",
+            probabilities={k: float(v) for k, v in probabilities.items()}, report=report, **nodes,
+        )
+
+    # -- files (background process) ----------------------------------------------------------------------
+
+    def export_inputs(
+        self,
+        reference_node: "slicer.vtkMRMLScalarVolumeNode",
+        moving_node: "slicer.vtkMRMLScalarVolumeNode",
+        directory: Union[str, Path],
+    ) -> Tuple[Path, Path]:
+        """Write both inputs as NRRD (double-precision geometry, exact) into ``directory``.
+
+        Returns:
+            (reference path, moving path).
+        """
+        _require_volume(reference_node, "reference")
+        _require_volume(moving_node, "moving")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = (directory / "reference.nrrd", directory / "moving.nrrd")
+        for node, path in zip((reference_node, moving_node), paths):
+            sitk.WriteImage(volume_node_to_image(node), str(path), useCompression=False)
+        return paths
+
+    def load_cli_outputs(
+        self,
+        out_dir: Union[str, Path],
+        reference_node: "slicer.vtkMRMLScalarVolumeNode",
+        moving_node: "slicer.vtkMRMLScalarVolumeNode",
+        options: Optional[Mapping[str, Any]] = None,
+        outputs: Optional[OutputNodes] = None,
+        show: bool = True,
+    ) -> FusionNodes:
+        """Load the files a CLI run wrote into ``out_dir`` (:data:`OUTPUT_FILES` + ``report.json``) as nodes.
+
+        Output grids equal to the reference grid within :data:`GRID_TOLERANCE` (NIfTI keeps geometry in
+        float32) are snapped to the reference node's exact geometry.
+
+        Raises:
+            InputImageError: a file is missing or unreadable; GeometryError: an output is not on the
+                reference grid. The scene is unchanged in both cases.
+        """
+        out_dir = Path(out_dir)
+        missing = [name for name in [*OUTPUT_FILES.values(), REPORT_FILE] if not (out_dir / name).is_file()]
+        if missing:
+            raise InputImageError(f"the UniFuse run did not write {', '.join(missing)} into {out_dir}; see the log")
+        reference_grid = volume_node_to_image(reference_node)
+        images = {role: _snap_to_grid(sitk.ReadImage(str(out_dir / name)), reference_grid, role)
+                  for role, name in OUTPUT_FILES.items()}
+        images["displacement"] = sitk.Cast(images["displacement"], sitk.sitkVectorFloat64)
+        report = json.loads((out_dir / REPORT_FILE).read_text(encoding="utf-8"))
+        degradation_info = report.get("degradation", {})
+        result = _LoadedResult(
+            degradation=str(degradation_info.get("used", "unknown")),
+            probabilities={k: float(v) for k, v in degradation_info.get("probabilities", {}).items()},
+            report=report,
+            **images,
+        )
+        recorded = {**{k: v for k, v in (options or {}).items() if v is not None}, "mode": "background process"}
+        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs)
+        if show:
+            self.show_result(nodes)
+        return nodes
+
+
+def _node_ids(scene: "slicer.vtkMRMLScene") -> List[str]:
+    """IDs of all nodes of the scene, in scene order."""
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def _item_children(sh: "slicer.vtkMRMLSubjectHierarchyNode", folder: int) -> List[int]:
+    """Direct children of a subject-hierarchy item as a Python list of item IDs."""
+    import vtk
+
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(folder, ids, False)
+    return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
+
+
+@dataclass
+class _LoadedResult:
+    """The fields of ``unifuse.FusionResult`` read back from a CLI output folder."""
+
+    fused: sitk.Image
+    aligned: sitk.Image
+    displacement: sitk.Image
+    jacobian: sitk.Image
+    error_map: sitk.Image
+    error_map_before: sitk.Image
+    degradation: str
+    probabilities: Dict[str, float]
+    report: Dict[str, Any]
+
+
+def _snap_to_grid(image: sitk.Image, grid: sitk.Image, role: str) -> sitk.Image:
+    """``image`` with ``grid``'s exact origin/spacing/direction; GeometryError if they differ beyond tolerance."""
+    if tuple(image.GetSize()) != tuple(grid.GetSize()):
+        raise GeometryError(f"the {role} output has size {image.GetSize()} but the reference has {grid.GetSize()}; "
+                            f"the output folder belongs to another reference volume")
+    checks = {
+        "origin": (image.GetOrigin(), grid.GetOrigin()),
+        "spacing": (image.GetSpacing(), grid.GetSpacing()),
+        "direction": (image.GetDirection(), grid.GetDirection()),
+    }
+    for what, (a, b) in checks.items():
+        if not np.allclose(a, b, atol=GRID_TOLERANCE, rtol=0.0):
+            raise GeometryError(f"the {role} output's {what} {tuple(np.round(a, 4))} differs from the reference's "
+                                f"{tuple(np.round(b, 4))}; the output folder belongs to another reference volume")
+    snapped = sitk.Image(image)
+    snapped.CopyInformation(grid)
+    return snapped
+
+
+# ------------------------------------------------------------------------------------------------------------
+# background process
+
+
+def core_package_parent() -> Path:
+    """Folder that contains the ``unifuse`` package (the module folder inside Slicer); goes on PYTHONPATH."""
+    import unifuse
+
+    return Path(unifuse.__file__).resolve().parent.parent
+
+
+def python_executable() -> str:
+    """The interpreter for the background process: Slicer's ``PythonSlicer`` launcher when present (it sets
+    up Slicer's Python environment), else the current interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def cli_environment(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Environment of the background process: ``base`` (default: ours) with the ``unifuse`` package's parent
+    folder first on ``PYTHONPATH`` and unbuffered output (progress lines arrive as they are printed)."""
+    env = dict(os.environ if base is None else base)
+    parent = str(core_package_parent())
+    existing = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = parent + (os.pathsep + existing if existing else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def build_cli_command(
+    reference_path: Union[str, Path],
+    moving_path: Union[str, Path],
+    out_dir: Union[str, Path],
+    degradation: str = "auto",
+    device: str = "auto",
+    weights: Union[None, str, Path] = None,
+    working_size: Optional[int] = None,
+    config: Optional[str] = None,
+    overwrite: bool = False,
+    python: Optional[str] = None,
+) -> List[str]:
+    """argv of ``python -m unifuse.cli fuse ... --machine-progress`` for one run.
+
+    Args:
+        reference_path, moving_path: input files; out_dir: output folder (the CLI writes :data:`OUTPUT_FILES`).
+        degradation, device, weights, working_size, config: as for ``unifuse.fuse`` (None = CLI default).
+        overwrite: pass ``--overwrite``.
+        python: interpreter; default :func:`python_executable`.
+    """
+    from .options import degradation_values
+
+    if degradation not in degradation_values():
+        raise UniFuseError(f"unknown degradation {degradation!r}; use one of {degradation_values()}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UniFuseError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'")
+    command = [
+        python or python_executable(), "-m", "unifuse.cli", "fuse",
+        "--reference", str(reference_path), "--moving", str(moving_path), "--out", str(out_dir),
+        "--degradation", degradation, "--device", device,
+    ]
+    if weights:
+        command += ["--weights", str(weights)]
+    if working_size:
+        command += ["--working-size", str(int(working_size))]
+    if config:
+        command += ["--config", str(config)]
+    if overwrite:
+        command.append("--overwrite")
+    command.append("--machine-progress")
+    return command
+
+
+class BackgroundFusion:
+    """One background run: export inputs -> CLI child process -> load outputs; poll from a GUI timer.
+
+    ``poll()`` returns None while running, the :class:`FusionNodes` on success, and raises
+    :class:`~unifuse.errors.UniFuseError` (or CancelledError) on failure; the temporary folder is removed
+    when the run ends either way. Progress is reported as: 0-2 % export, 2-95 % the CLI's own fractions,
+    95-100 % loading.
+    """
+
+    def __init__(
+        self,
+        logic: FusionLogic,
+        reference_node: Any,
+        moving_node: Any,
+        options: Mapping[str, Any],
+        on_progress: Optional[ProgressFn] = None,
+        on_log: Optional[Callable[[str], None]] = None,
+        outputs: Optional[OutputNodes] = None,
+        python: Optional[str] = None,
+    ) -> None:
+        self.logic = logic
+        self.reference_node = reference_node
+        self.moving_node = moving_node
+        self.options = dict(options)
+        self.on_progress = on_progress
+        self.on_log = on_log
+        self.outputs = outputs
+        self.python = python
+        self.work_dir: Optional[Path] = None
+        self.process: Optional[CliProcess] = None
+        self.result: Optional[FusionNodes] = None
+        self.finished = False
+        self._fraction = 0.0
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self._fraction = max(self._fraction, min(float(fraction), 1.0))  # never goes backwards
+        if self.on_progress is not None:
+            self.on_progress(self._fraction, message)
+
+    def start(self) -> None:
+        self.work_dir = Path(tempfile.mkdtemp(prefix="UniFuse-"))
+        try:
+            self._progress(0.0, "writing the input volumes")
+            reference_path, moving_path = self.logic.export_inputs(self.reference_node, self.moving_node,
+                                                                   self.work_dir / "inputs")
+            command = build_cli_command(
+                reference_path, moving_path, self.work_dir / "outputs",
+                degradation=self.options.get("degradation") or "auto", device=self.options.get("device") or "auto",
+                weights=self.options.get("weights"), working_size=self.options.get("working_size"),
+                config=self.options.get("config"), python=self.python,
+            )
+            if self.on_log is not None:
+                self.on_log("Running: " + " ".join(command))
+            self.process = CliProcess(
+                command, env=cli_environment(),
+                on_progress=lambda f, m: self._progress(0.02 + 0.93 * f, m), on_log=self.on_log,
+            )
+            self.process.start()
+        except Exception:
+            self._cleanup()
+            raise
+
+    def poll(self) -> Optional[FusionNodes]:
+        if self.finished:
+            return self.result
+        if self.process is None:
+            raise RuntimeError("poll() before start()")
+        code = self.process.poll()
+        if code is None:
+            return None
+        self.finished = True
+        try:
+            if self.process.cancelled:
+                raise CancelledError("cancelled by the user; the scene is unchanged")
+            if code != 0:
+                raise UniFuseError(f"UniFuse failed: {self.process.error_message()}")
+            self._progress(0.95, "loading the outputs")
+            self.result = self.logic.load_cli_outputs(
+                self.work_dir / "outputs", self.reference_node, self.moving_node, self.options, self.outputs
+            )
+            self._progress(1.0, "done")
+            return self.result
+        finally:
+            self._cleanup()
+
+    def cancel(self) -> None:
+        """Stop the child process; the next :meth:`poll` raises CancelledError and nothing is added."""
+        if self.process is not None:
+            self.process.cancel()
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.1) -> FusionNodes:
+        """Poll until the run ends (for scripts and tests); raises like :meth:`poll`."""
+        import time
+
+        start = time.monotonic()
+        while True:
+            nodes = self.poll()
+            if nodes is not None:
+                return nodes
+            if timeout is not None and time.monotonic() - start > timeout:
+                self.cancel()
+                try:
+                    self.poll()
+                except CancelledError:
+                    pass
+                raise UniFuseError(f"the UniFuse process did not finish within {timeout} s and was stopped")
+            time.sleep(interval)
+
+    def _cleanup(self) -> None:
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
