@@ -42,12 +42,17 @@ class ModelConfig:
         unet_channels: channel widths of the UFR&F U-Net levels (full resolution first).
         lora_rank: rank of each LoRA branch in ALSN.
         max_displacement: bound of the predicted field, as a fraction of the working grid edge (tanh-scaled).
+        fa_stride: the FA head predicts the field at S / fa_stride (then resampled to S); 1 = full resolution.
+            Must divide ``patch_size``.
+        corr_radius: radius r of the local correlation ((2r+1)³ offsets) of the RegBLKs on the token grid.
+        integration_steps: scaling-and-squaring steps integrating the FA output as a stationary velocity
+            (0: the FA output is the displacement itself).
     """
 
     name: str = "default"
     working_size: int = 64
-    enc_channels: int = 16
-    patch_size: int = 4
+    enc_channels: int = 8
+    patch_size: int = 8
     embed_dim: int = 64
     d_state: int = 16
     expand: int = 2
@@ -55,9 +60,12 @@ class ModelConfig:
     num_degradations: int = len(DEGRADATION_CLASSES)
     prompt_len: int = 8
     num_regblks: int = 4
-    unet_channels: Tuple[int, ...] = (16, 32, 64)
+    unet_channels: Tuple[int, ...] = (8, 16, 32)
     lora_rank: int = 4
     max_displacement: float = 0.25
+    fa_stride: int = 2
+    corr_radius: int = 2
+    integration_steps: int = 4
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,7 +95,7 @@ class ModelConfig:
 
 
 def tiny() -> ModelConfig:
-    """A few-thousand-parameter network for unit tests (16³–32³ grids, runs in milliseconds on CPU)."""
+    """A ~67k-parameter network for unit tests (16³–32³ grids, runs in milliseconds on CPU)."""
     return ModelConfig(
         name="tiny",
         working_size=16,
@@ -125,7 +133,18 @@ def paper() -> ModelConfig:
     )
 
 
-CONFIGS = {"tiny": tiny, "default": default, "paper": paper}
+def cpu() -> ModelConfig:
+    """The network of the shipped weights: the ``default`` widths on a 32³ working grid.
+
+    The shipped weights are trained on a 2-core CPU in about an hour (``docs/training.md``). Measured there, one
+    training step of the ``default`` network takes 20–37 s at 64³ (batch 1) but ~2.5 s at 32³ (batch 2), so
+    only the 32³ grid gives enough steps (~1.5k) to converge in that budget. Everything except ``name`` and
+    ``working_size`` equals :func:`default`; the pipeline runs these weights on a 32³ working grid by default.
+    """
+    return ModelConfig(name="cpu", working_size=32)
+
+
+CONFIGS = {"tiny": tiny, "default": default, "paper": paper, "cpu": cpu}
 
 
 def get_config(name: str) -> ModelConfig:
