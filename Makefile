@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_output
 
-.PHONY: venv demo test bench info clean
+.PHONY: venv demo test info sample-data clean
 
 venv: $(STAMP)
 
@@ -29,3 +29,7 @@ info: venv
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+
+# Regenerate the sample pair shipped with the Slicer module (deterministic; checked by Testing/test_sample_data.py).
+sample-data: venv
+	$(VPY) -c "from unifuse.demo import write_sample_data; write_sample_data('UniFuseSlicer/Resources/SampleData', overwrite=True)"

@@ -286,3 +286,14 @@ def test_write_json_atomic_and_numpy_aware(tmp_path):
         uio.write_json({"bad": object()}, tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
     assert sorted(os.listdir(path.parent)) == ["report.json"]
+
+
+def test_written_files_get_normal_permissions_not_private_temp_ones(tmp_path):
+    """Atomic writes go through mkstemp (mode 0o600); the final file must have the umask's default mode."""
+    import stat
+
+    from unifuse.io import default_file_mode, write_image, write_json
+
+    img = sitk.Image([4, 4, 4], sitk.sitkFloat32)
+    for path in (write_image(img, tmp_path / "a.nii.gz"), write_json({"a": 1}, tmp_path / "r.json")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()

@@ -255,6 +255,17 @@ def _check_destination(p: Path, overwrite: bool) -> None:
         )
 
 
+def default_file_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (0o666 minus the umask).
+
+    ``tempfile.mkstemp`` creates private (0o600) files; outputs renamed from such a file would otherwise stay
+    unreadable for the user's colleagues and other tools.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: PathLike, overwrite: bool, suffix: str, write: Callable[[Path], None]) -> Path:
     """Write via a temporary sibling file (same ``suffix``) renamed over ``path`` when complete."""
     p = Path(os.fspath(path)).expanduser()
@@ -270,6 +281,7 @@ def _atomic_write(path: PathLike, overwrite: bool, suffix: str, write: Callable[
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, p)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

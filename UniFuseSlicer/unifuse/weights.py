@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Union
 
 from .config import ModelConfig
 from .errors import WeightsError
+from .io import default_file_mode
 
 FORMAT = "unifuse-checkpoint"
 FORMAT_VERSION = 1
@@ -95,6 +96,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, default_file_mode())
         digest = sha256_of(tmp)
         os.replace(tmp, path)
     except BaseException:
