@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(VPY) -m pip install --quiet --disable-pip-version-check -e ".[test,slicer]"
 	touch $(STAMP)
 
+# The demo: synthetic pair with known truth -> pipeline -> metrics + demo.png, then Slicer's own views
+# (fused overlay, deformation grid, error map) rendered offscreen into $(DEMO_OUT)/slicer_views/.
 demo: venv
-	$(VENV)/bin/unifuse demo --out $(DEMO_OUT)
+	$(VENV)/bin/unifuse demo --out $(DEMO_OUT) --overwrite
+	PYTHONPATH=UniFuseSlicer $(VPY) -m UniFuseSlicerLib.demo_views $(DEMO_OUT)
 
 test: venv
 	$(VPY) -m pytest -q
