@@ -3,6 +3,7 @@
 ``unifuse fuse``   align, restore and fuse two volumes (any format SimpleITK reads, or DICOM folders)
 ``unifuse demo``   build the synthetic sample pair with known truth, fuse it, print metrics, write PNGs
 ``unifuse info``   parameter counts per module and FLOPs of the network configs
+``unifuse train``  train on synthetic pairs (resumable); ``unifuse evaluate`` held-out metrics + model card
 
 Exit codes: 0 success; 1 a user-facing error (one line on stderr: what is wrong and how to fix it);
 2 bad command-line usage; 130 cancelled (Ctrl-C) — in every failure case no partial outputs are left.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -84,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts per module and FLOPs at 160³ and 256³")
     p.add_argument("--config", choices=sorted(CONFIGS), default=None, help="only this config (default: all)")
     p.add_argument("--weights", type=Path, default=None, help="describe this checkpoint's config")
+
+    from .train.cli_train import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -115,6 +122,8 @@ def _print_summary(report: dict, out: Path) -> None:
     print(f"error map  mean {report['error_map_mean']['before']:.4f} before -> {report['error_map_mean']['after']:.4f} after")
     print(f"time       {report['timings_s']['total']:.2f} s " + json.dumps(report["timings_s"]))
     print(f"outputs    {out}")
+    for note in report.get("notes", []):
+        print(f"note       {note}")
     if "warning" in report:
         print(f"WARNING    {report['warning']}")
 
@@ -150,13 +159,30 @@ def _run_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a job scheduler, a GUI's Cancel) takes the Ctrl-C path: no outputs, exit 130."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``unifuse`` console script; returns the process exit code."""
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+        try:
+            return _main(argv)
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import CancelledError, UniFuseError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info}
+    from .train.cli_train import run_evaluate, run_train
+
+    handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info, "train": run_train, "evaluate": run_evaluate}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

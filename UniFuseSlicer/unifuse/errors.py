@@ -38,3 +38,7 @@ class CancelledError(UniFuseError):
 
 class DatasetError(UniFuseError, ValueError):
     """A dataset folder is missing, empty, or does not follow the expected layout."""
+
+
+class InsufficientMemoryError(UniFuseError, MemoryError):
+    """Not enough memory (RAM or GPU) for the run, even at the smallest working grid and on the CPU."""

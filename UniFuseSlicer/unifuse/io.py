@@ -3,7 +3,9 @@
 * :func:`read_image` — any single file SimpleITK reads (NIfTI, NRRD, MetaImage, ...) or a DICOM folder.
   In a folder, every DICOM series found in it *and its sub-folders* is listed and the one with the most
   files (slices) is read; ties go to the first series in sorted (folder, series UID) order. Input files are
-  only opened for reading.
+  only opened for reading. A file is first opened (permission problems are reported as such), then only its
+  header is parsed: a header announcing more voxel data than the free memory (a corrupt size field) is
+  refused before anything is allocated, and a NIfTI file holding fewer bytes than announced is refused.
 * :func:`validate_volume` — checks that a volume can be fused (3D, scalar, >= 8 voxels per axis, finite,
   not constant) and returns a float32 copy; every rejection names the volume's role and the fix.
 * :func:`write_image` / :func:`write_json` — atomic: the data go to a temporary file in the destination
@@ -17,6 +19,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -39,7 +42,9 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Smallest accepted number of voxels along each axis.
+#: Smallest accepted number of voxels along each axis: fewer is a slice or thin slab without 3D structure to
+#: align (the network sees every volume resampled onto its cubic working grid, so it has no minimum of its
+#: own; the error maps and the Jacobian use 3x3x3 neighbourhoods and smoothing).
 MIN_SIZE = 8
 #: Single-file formats :func:`write_image` writes (detached-header formats such as .mhd/.nhdr/.hdr would
 #: need two files renamed together, which cannot be atomic).
@@ -87,11 +92,20 @@ def read_image(path: PathLike) -> sitk.Image:
         InputImageError: the path does not exist, the file cannot be read, or the folder has no DICOM series.
     """
     p = Path(os.fspath(path)).expanduser()
-    if not p.exists():
+    try:
+        os.stat(p)
+    except FileNotFoundError:
         raise InputImageError(
             f"input not found: '{p}' does not exist; check the path (quote it if it contains spaces) and that "
             "the file or folder was copied completely"
-        )
+        ) from None
+    except PermissionError as exc:
+        raise InputImageError(
+            f"cannot read '{p}': permission denied on a folder of its path; ask for read access to the folder "
+            "(or copy the file to a folder of yours) and try again"
+        ) from exc
+    except OSError as exc:
+        raise InputImageError(f"cannot read '{p}': {exc.strerror or exc}; check the path") from exc
     if p.is_dir():
         series = find_dicom_series(p)
         if not series:
@@ -109,15 +123,104 @@ def read_image(path: PathLike) -> sitk.Image:
                 f"cannot read the DICOM series {uid} ({len(names)} files) in '{p}': {_first_line(exc)}; "
                 "re-export the series from the scanner/PACS or convert it to NIfTI"
             ) from exc
-    try:
-        image = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        raise InputImageError(
-            f"cannot read '{p}': {_first_line(exc)}. The file is corrupt, truncated or not an image format "
-            f"SimpleITK supports; re-export it as {_SUPPORTED_INPUT}"
-        ) from exc
+    _check_readable(p)
+    header = _read_header(p)
+    _check_announced_size(p, header)
     _check_nifti_complete(p)
-    return image
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise _unreadable(p, exc) from exc
+
+
+_DATA_FILE_FIELD = re.compile(r"^\s*(?:ElementDataFile\s*=|data ?file\s*:)\s*(.+?)\s*$", re.I | re.M)
+
+
+def _missing_data_file(p: Path) -> str:
+    """The data file named by a detached (.mhd/.nhdr) or inline (.mha/.nrrd) header, if it does not exist."""
+    try:
+        with open(p, "rb") as stream:
+            head = stream.read(1 << 16).decode("latin-1")
+    except OSError:
+        return ""
+    match = _DATA_FILE_FIELD.search(head)
+    if not match or match.group(1).upper() == "LOCAL" or match.group(1).upper().startswith("LIST"):
+        return ""
+    name = match.group(1).split()[0]
+    if "%" in name:  # a numbered file pattern (NRRD): not checked here
+        return ""
+    return "" if (p.parent / name).exists() else name
+
+
+def _unreadable(p: Path, exc: BaseException) -> InputImageError:
+    """The error for a file SimpleITK cannot read, with the most specific explanation available."""
+    missing = _missing_data_file(p)
+    if missing:
+        return InputImageError(
+            f"cannot read '{p}': its header refers to a data file '{missing}' that is not next to it; copy the "
+            "header together with its data file (.raw/.zraw/.img), or use a single-file format: "
+            f"{_SUPPORTED_INPUT}"
+        )
+    return InputImageError(
+        f"cannot read '{p}': {_first_line(exc)}. The file is corrupt, truncated or not an image format "
+        f"SimpleITK supports; re-export it as {_SUPPORTED_INPUT}"
+    )
+
+
+def _check_readable(p: Path) -> None:
+    """Open the file for reading (never writing) to report permission problems as such."""
+    try:
+        with open(p, "rb") as stream:
+            stream.read(1)
+    except PermissionError as exc:
+        raise InputImageError(
+            f"cannot read '{p}': permission denied; ask for read access to the file (or copy it to a folder of "
+            "yours) and try again"
+        ) from exc
+    except OSError as exc:
+        raise InputImageError(
+            f"cannot read '{p}': {exc.strerror or exc}; check that the disk or network share is available and "
+            "copy the file again"
+        ) from exc
+
+
+def _read_header(p: Path) -> sitk.ImageFileReader:
+    """Parse only the header (size, pixel type, geometry) without allocating the voxel data."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(p, exc) from exc
+    return reader
+
+
+def _bytes_per_pixel(pixel_id: int, components: int) -> int:
+    """Bytes of one voxel: e.g. 'vector of 16-bit signed integer' with 3 components -> 6."""
+    name = sitk.GetPixelIDValueAsString(pixel_id)
+    bits = re.search(r"(\d+)-bit", name)
+    per_component = int(bits.group(1)) // 8 if bits else 8
+    if name.startswith("complex"):
+        per_component *= 2
+    return per_component * max(int(components), 1)
+
+
+def _check_announced_size(p: Path, header: sitk.ImageFileReader) -> None:
+    """Refuse a header whose voxel data could not fit into memory (a corrupt size field, or a volume far too
+    large for this computer) before the reader tries to allocate it."""
+    from .resources import available_memory_bytes, format_bytes
+
+    size = tuple(int(v) for v in header.GetSize())
+    voxels = int(np.prod(size, dtype=np.float64)) if size else 0
+    announced = voxels * _bytes_per_pixel(header.GetPixelID(), header.GetNumberOfComponents())
+    free = available_memory_bytes("cpu")
+    if announced > free:
+        raise InputImageError(
+            f"cannot read '{p}': its header announces a volume of size {size} ({format_bytes(announced)}), more "
+            f"than the {format_bytes(free)} of free memory. Either the header is corrupt (re-export the file) or "
+            "the volume is too large for this computer (crop or downsample it first, e.g. in Slicer's Crop "
+            "Volume module)"
+        )
 
 
 def _check_nifti_complete(p: Path) -> None:
@@ -133,9 +236,12 @@ def _check_nifti_complete(p: Path) -> None:
     import nibabel
 
     try:
-        header = nibabel.load(str(p)).header
+        from nibabel.imageglobals import LoggingOutputSuppressor
+
+        with LoggingOutputSuppressor():  # nibabel logs header oddities (fixed codes) to stderr: not ours to say
+            header = nibabel.load(str(p)).header
         expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    except Exception:  # noqa: BLE001 - a header nibabel cannot parse was read fine by SimpleITK: trust it
+    except Exception:  # noqa: BLE001 - a header nibabel cannot parse was parsed by SimpleITK: trust it
         return
     fix = f"copy the file again or re-export it (it is incomplete), or use another format: {_SUPPORTED_INPUT}"
     if name.endswith(".gz"):
@@ -193,8 +299,9 @@ def validate_volume(image: sitk.Image, role: str) -> sitk.Image:
         raise InputImageError(f"the {role} image has {dim} dimensions (size {size}); UniFuse needs a 3D volume")
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
+        hint = " or complex values stored as (real, imaginary) pairs" if components == 2 else ""
         raise InputImageError(
-            f"the {role} image has {components} components per voxel (a colour, vector or tensor image); "
+            f"the {role} image has {components} components per voxel (a colour, vector or tensor image{hint}); "
             "convert it to a single-channel (grayscale) volume first"
         )
     if image.GetPixelID() in _COMPLEX_TYPES:
@@ -210,9 +317,12 @@ def validate_volume(image: sitk.Image, role: str) -> sitk.Image:
         axis = "xyz"[int(np.argmin(size))]
         raise InputImageError(
             f"the {role} image is too small: size {size} has only {min(size)} voxel(s) along {axis}; UniFuse "
-            f"needs at least {MIN_SIZE} voxels along every axis (a single slice or thin slab cannot be aligned "
-            "in 3D) — use the full volume"
+            f"needs at least {MIN_SIZE} voxels along every axis, because it aligns in 3D: the volume is resampled "
+            "onto the network's cubic working grid, and a single slice or a slab a few voxels thick carries "
+            "no 3D structure to align (the error maps and Jacobian also use 3x3x3 neighbourhoods and smoothing) "
+            "— use the full volume"
         )
+    _check_geometry(image, role)
     out = sitk.Cast(image, sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(out)
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
@@ -229,6 +339,30 @@ def validate_volume(image: sitk.Image, role: str) -> sitk.Image:
             "check that the right file/series was chosen"
         )
     return out
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def _check_geometry(image: sitk.Image, role: str) -> None:
+    """Spacing finite and > 0, origin finite, direction cosines finite and invertible (a corrupt header can
+    produce any of these; the resampling and the displacement-field maths need all of them)."""
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    problem = ""
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        problem = f"voxel spacing {_fmt(spacing)} mm (must be finite and positive)"
+    elif not np.all(np.isfinite(origin)):
+        problem = f"origin {_fmt(origin)} (must be finite)"
+    elif not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        problem = f"direction cosines {_fmt(direction.ravel())} (must form an invertible matrix)"
+    if problem:
+        raise InputImageError(
+            f"the {role} image has an invalid geometry: {problem}; its header is corrupt — re-export the "
+            "volume, or fix the spacing/origin/orientation in its header"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
