@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UniFuseSlicer"))
 pytest.importorskip("slicer")
 pytest.importorskip("trame_slicer")
 

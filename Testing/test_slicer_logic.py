@@ -19,7 +19,6 @@ import pytest
 import SimpleITK as sitk
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UniFuseSlicer"
-sys.path.insert(0, str(MODULE_DIR))
 
 slicer = pytest.importorskip("slicer")
 

@@ -7,14 +7,11 @@ one corner and exactly zero elsewhere. Each test checks what must be on screen, 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UniFuseSlicer"))
 
 slicer = pytest.importorskip("slicer")
 pytest.importorskip("trame_slicer")

@@ -14,14 +14,11 @@ test can tell the two conventions apart.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UniFuseSlicer"))
 
 slicer = pytest.importorskip("slicer")
 from vtkmodules.util import numpy_support  # noqa: E402

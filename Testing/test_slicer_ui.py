@@ -9,7 +9,6 @@ import importlib
 import re
 import shutil
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -21,7 +20,6 @@ MODULE_DIR = ROOT / "UniFuseSlicer"
 MODULE_FILE = MODULE_DIR / "UniFuseSlicer.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "UniFuseSlicer.ui"
 ICON_FILE = MODULE_DIR / "Resources" / "Icons" / "UniFuseSlicer.png"
-sys.path.insert(0, str(MODULE_DIR))
 
 CUSTOM_WIDGET_TYPES = {  # parameter-node GUI connectors of Slicer: widget class -> accepted annotation
     "qMRMLNodeComboBox": "node",

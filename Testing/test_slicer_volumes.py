@@ -6,14 +6,11 @@ the RAS flip of SimpleITK's own ``TransformIndexToPhysicalPoint`` for that index
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UniFuseSlicer"))
 
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402

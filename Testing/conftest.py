@@ -1,0 +1,15 @@
+"""Test-suite set-up shared by every test file.
+
+The Slicer module folder ``UniFuseSlicer/`` goes on ``sys.path`` so the MRML glue library
+(``UniFuseSlicerLib``) imports as it does inside Slicer; the core package ``unifuse`` is installed
+(editable) by ``make test``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "UniFuseSlicer"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
