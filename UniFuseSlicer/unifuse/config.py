@@ -134,14 +134,32 @@ def paper() -> ModelConfig:
 
 
 def cpu() -> ModelConfig:
-    """The network of the shipped weights: the ``default`` widths on a 32³ working grid.
+    """The network of the shipped weights: the ``default`` architecture on a 32³ working grid.
 
-    The shipped weights are trained on a 2-core CPU in about an hour (``docs/training.md``). Measured there, one
-    training step of the ``default`` network takes 20–37 s at 64³ (batch 1) but ~2.5 s at 32³ (batch 2), so
-    only the 32³ grid gives enough steps (~1.5k) to converge in that budget. Everything except ``name`` and
-    ``working_size`` equals :func:`default`; the pipeline runs these weights on a 32³ working grid by default.
+    The shipped weights are trained on a 2-core CPU in about an hour (``docs/training.md``). Measured there
+    (shared machine, 1 thread), one training step of the ``default`` network takes ~3 s at 64³ with batch 1 but
+    ~0.6 s at 32³ with batch 2, so only the 32³ grid gives the thousands of steps the network needs in that
+    budget. The widths are spelled out (equal to :func:`default` when the weights were trained) so that
+    ``unifuse train --config cpu`` keeps reproducing the shipped network even if ``default`` changes.
     """
-    return ModelConfig(name="cpu", working_size=32)
+    return ModelConfig(
+        name="cpu",
+        working_size=32,
+        enc_channels=8,
+        patch_size=8,
+        embed_dim=64,
+        d_state=16,
+        expand=2,
+        d_conv=4,
+        prompt_len=8,
+        num_regblks=4,
+        unet_channels=(8, 16, 32),
+        lora_rank=4,
+        max_displacement=0.25,
+        fa_stride=2,
+        corr_radius=2,
+        integration_steps=4,
+    )
 
 
 CONFIGS = {"tiny": tiny, "default": default, "paper": paper, "cpu": cpu}

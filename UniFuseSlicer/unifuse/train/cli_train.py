@@ -1,0 +1,128 @@
+"""``unifuse train`` and ``unifuse evaluate``: the command-line front end of the trainer and the evaluation.
+
+Hook into :mod:`unifuse.cli` with::
+
+    add_train_parser(sub)                      # adds both sub-commands
+    handlers = {..., "train": run_train, "evaluate": run_evaluate}
+
+``unifuse train --config CONFIG --out DIR [--resume] [--steps N] [--device auto|cpu|cuda] [--threads T]``
+    CONFIG is a named training config (``tiny``, ``cpu``, ``gpu``; :mod:`unifuse.train.configs`) or a JSON file
+    of TrainConfig fields. Progress goes to stderr, logs and checkpoints to DIR (see :mod:`unifuse.train.trainer`).
+
+``unifuse evaluate --weights W [--out DIR] [--cases N] [--seed S] [--device ...] [--model-card] [--publish]``
+    Held-out evaluation of a checkpoint against the no-registration average/max baselines; prints a table,
+    writes ``evaluation.json`` to DIR or, with ``--model-card``, ``model_card.json`` (the same report plus the
+    card's fields) + ``MODEL_CARD.md``.
+    ``--publish`` first re-saves W as ``DIR/unifuse_default.pt`` and evaluates that copy (the shipped file).
+
+Both return the process exit code (0 on success); user errors raise :class:`~unifuse.errors.UniFuseError`,
+which :func:`unifuse.cli.main` turns into a one-line message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UniFuseError
+
+__all__ = ["add_train_parser", "run_train", "run_evaluate", "publish_checkpoint"]
+
+
+def add_train_parser(subparsers: "argparse._SubParsersAction") -> None:
+    """Add the ``train`` and ``evaluate`` sub-commands to an ``argparse`` sub-parser collection."""
+    from .configs import TRAIN_CONFIGS
+    from .evaluate import HELDOUT_CASES, HELDOUT_SEED
+
+    p = subparsers.add_parser("train", help="train UniFuse on synthetic pairs (resumable; logs and checkpoints in --out)")
+    p.add_argument("--config", required=True,
+                   help=f"training config: one of {', '.join(TRAIN_CONFIGS)} or a JSON file of TrainConfig fields")
+    p.add_argument("--out", required=True, type=Path, help="run folder for logs, training state and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--steps", type=int, default=None, help="total optimisation steps (overrides the config)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (overrides the config)")
+
+    p = subparsers.add_parser("evaluate", help="evaluate a checkpoint on the held-out synthetic set against baselines")
+    p.add_argument("--weights", required=True, type=Path, help="UniFuse checkpoint (.pt with its .sha256)")
+    p.add_argument("--out", type=Path, default=None, help="folder for evaluation.json (or the model card)")
+    p.add_argument("--cases", type=int, default=HELDOUT_CASES, help=f"held-out cases (default: {HELDOUT_CASES})")
+    p.add_argument("--seed", type=int, default=HELDOUT_SEED, help=f"held-out seed (default: {HELDOUT_SEED})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--model-card", action="store_true", help="also write model_card.json and MODEL_CARD.md to --out")
+    p.add_argument("--publish", action="store_true",
+                   help="re-save the checkpoint as --out/unifuse_default.pt (+ .sha256) and evaluate that copy, so the "
+                        "model card describes the exact shipped file (use --out UniFuseSlicer/Resources/Models)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run (or resume) a training run from parsed ``unifuse train`` arguments; returns the exit code."""
+    from .configs import get_train_config
+    from .trainer import Trainer
+
+    config = get_train_config(args.config)
+    changes = {}
+    if args.steps is not None:
+        changes["steps"] = int(args.steps)
+    if args.threads is not None:
+        changes["num_threads"] = int(args.threads)
+    if changes:
+        config = config.replace(**changes)
+    trainer = Trainer(config, args.out, device=args.device, resume=args.resume)
+    result = trainer.fit()
+    print(f"steps      {result.step}/{config.steps}")
+    print(f"best       step {result.best_step}, validation loss {result.best_val_loss}")
+    print(f"best.pt    {result.best_checkpoint}")
+    print(f"final.pt   {result.final_checkpoint}")
+    print(f"wall time  {result.wall_time_s:.1f} s")
+    return 0
+
+
+def publish_checkpoint(source: Path, out_dir: Path) -> Path:
+    """Verify ``source`` and re-save it with :func:`unifuse.weights.save_checkpoint` as
+    ``out_dir/unifuse_default.pt`` (+ ``.sha256``), recording where it came from and, when the run folder
+    has one, the run's ``summary.json`` (total steps and wall time); returns the new path."""
+    from ..weights import SHIPPED_WEIGHTS_NAME, load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(source)
+    if not ckpt.metadata.get("trained"):
+        raise UniFuseError(f"{source} is not marked as trained (metadata 'trained'); only trained weights can be published")
+    destination = Path(out_dir) / SHIPPED_WEIGHTS_NAME
+    metadata = {**ckpt.metadata, "published_from": {"path": str(source), "sha256": ckpt.sha256}}
+    summary = Path(source).parent / "summary.json"
+    if summary.is_file():  # the whole run (the checkpoint's own metadata describes the run up to its export)
+        metadata["run_summary"] = json.loads(summary.read_text(encoding="utf-8"))
+    save_checkpoint(destination, ckpt.config, ckpt.state_dict, metadata)
+    return destination
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint from parsed ``unifuse evaluate`` arguments; returns the exit code."""
+    import torch
+
+    from .evaluate import evaluate_checkpoint, format_report, write_model_card
+
+    if args.cases < 1:
+        raise UniFuseError(f"--cases must be at least 1 (got {args.cases})")
+    if (args.model_card or args.publish) and args.out is None:
+        raise UniFuseError("--model-card and --publish need --out (the folder that receives the card / the weights)")
+    if args.threads is not None:
+        torch.set_num_threads(int(args.threads))
+
+    def progress(i: int, n: int) -> None:
+        print(f"evaluating case {i}/{n}", file=sys.stderr, flush=True)
+
+    weights = publish_checkpoint(args.weights, args.out) if args.publish else args.weights
+    report = evaluate_checkpoint(weights, cases=args.cases, seed=args.seed, device=args.device, progress=progress)
+    print(format_report(report))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.model_card:  # model_card.json holds the whole report
+            json_path, md_path = write_model_card(report, args.out)
+            print(f"model card {json_path} {md_path}")
+        else:
+            (args.out / "evaluation.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    return 0
