@@ -37,7 +37,7 @@ def test_fuse_writes_every_output_and_a_report(tmp_path, capsys):
                  "--device", "cpu", "--quiet"])
     assert code == EXIT_OK
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), REPORT_FILE])
-    report = json.loads((out / REPORT_FILE).read_text())
+    report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
     assert report["model"]["trained"] is False and "UNTRAINED" in report["warning"]
     assert report["working_grid"]["size"] == [16, 16, 16]
     fused = sitk.ReadImage(str(out / "fused.nii.gz"))
@@ -94,7 +94,7 @@ def test_machine_progress_lines_for_the_slicer_background_process(tmp_path):
 def test_demo_reports_metrics_against_the_truth(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--size", "32", "--config", "tiny", "--working-size", "32", "--quiet"]) == EXIT_OK
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["endpoint_error_mm"]["no_registration"] > 1.0  # the demo pair really is misaligned
     assert set(metrics["fusion"]) == {"unifuse", "no_registration+average", "no_registration+max"}
     assert (out / "demo.png").stat().st_size > 10_000

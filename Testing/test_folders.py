@@ -54,7 +54,7 @@ def brats(tmp_path: Path) -> Path:
         _write(root / name / f"{name}_seg.nii.gz", seg)
     incomplete = root / "BraTS20_Training_004"
     _write(incomplete / "BraTS20_Training_004_t1.nii.gz", _left_bright(800.0))
-    (root / "README.txt").write_text("not a case")
+    (root / "README.txt").write_text("not a case", encoding="utf-8")
     return tmp_path
 
 

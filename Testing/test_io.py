@@ -131,7 +131,7 @@ def test_unreadable_files_are_reported(tmp_path, kind, ext):
 def test_folder_without_dicom_series(tmp_path):
     folder = tmp_path / "not dicom"
     folder.mkdir()
-    (folder / "notes.txt").write_text("hello")
+    (folder / "notes.txt").write_text("hello", encoding="utf-8")
     uio.write_image(volume(), folder / "vol.nrrd")
     for target in (folder, tmp_path / "empty"):
         target.mkdir(exist_ok=True)

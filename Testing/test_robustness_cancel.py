@@ -108,7 +108,7 @@ def test_signal_during_the_network_exits_130_and_leaves_nothing(tmp_path, sig):
     ref, mov = _volume(tmp_path / "in" / "ref.nii.gz"), _volume(tmp_path / "in" / "mov.nrrd", shift=2.0)
     inputs = _digests([ref, mov])
     script = tmp_path / "slow_cli.py"
-    script.write_text(SLOW_NETWORK_SCRIPT)
+    script.write_text(SLOW_NETWORK_SCRIPT, encoding="utf-8")
     out = tmp_path / "out"
     done = _run_and_interrupt(
         [sys.executable, str(script), "fuse", "--reference", str(ref), "--moving", str(mov), "--out", str(out),

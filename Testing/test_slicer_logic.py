@@ -474,7 +474,7 @@ def test_dependency_plan_and_constraints(tmp_path):
     assert f"numpy=={np.__version__}" in text.splitlines()
     assert f"SimpleITK=={dependencies.installed_version('SimpleITK')}" in text.splitlines()
     path = dependencies.write_constraints_file(tmp_path)
-    assert path.read_text() == text
+    assert path.read_text(encoding="utf-8") == text
     assert dependencies.pip_install_arguments(["scipy>=1.10"], path) == ["scipy>=1.10", "--constraint", str(path)]
     assert dependencies.version_at_least("2.13.0+cpu", "2.1") and not dependencies.version_at_least("2.0.1", "2.1")
     missing = dependencies.InstallationPlan(torch_ok=False, torch_version="2.0.1", pip_requirements=["scipy>=1.10"])

@@ -182,11 +182,11 @@ function(slicer_add_python_unittest)
 endfunction()
 set(BUILD_TESTING ON)
 add_subdirectory("{MODULE_DIR.as_posix()}" module)
-""")
+""", encoding="utf-8")
     build = tmp_path / "build"
     subprocess.run(["cmake", "-S", str(driver), "-B", str(build)], check=True, capture_output=True, text=True)
-    read = lambda name: [l for l in (build / name).read_text().splitlines() if l]  # noqa: E731
-    return read("scripts.txt"), read("resources.txt"), (build / "name.txt").read_text(), (build / "unittest.txt").read_text()
+    read = lambda name: [l for l in (build / name).read_text(encoding="utf-8").splitlines() if l]  # noqa: E731
+    return read("scripts.txt"), read("resources.txt"), (build / "name.txt").read_text(encoding="utf-8"), (build / "unittest.txt").read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("git") is None, reason="needs cmake and git")

@@ -24,7 +24,7 @@ def test_round_trip_keeps_config_tensors_and_metadata(tmp_path):
     assert "unifuse_version" in ckpt.metadata
     assert torch.equal(ckpt.state_dict["layer.weight"], _state()["layer.weight"])
     assert ckpt.sha256 == digest == sha256_of(path)
-    assert checksum_path(path).read_text().split()[0] == digest
+    assert checksum_path(path).read_text(encoding="utf-8").split()[0] == digest
     assert ckpt.model_id.startswith("unifuse-tiny-")
 
 
@@ -55,7 +55,7 @@ def test_truncated_file_with_matching_checksum_is_unreadable(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, tiny(), _state())
     path.write_bytes(path.read_bytes()[:100])
-    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n", encoding="utf-8")
     with pytest.raises(WeightsError, match="cannot be read"):
         load_checkpoint(path)
 
@@ -65,7 +65,7 @@ def test_foreign_pickle_is_not_executed(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": "unifuse-checkpoint", "obj": ModelConfig()}, path)  # a class instance, not plain data
-    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n", encoding="utf-8")
     with pytest.raises(WeightsError, match="cannot be read"):
         load_checkpoint(path)
 
@@ -73,7 +73,7 @@ def test_foreign_pickle_is_not_executed(tmp_path):
 def test_other_format_is_refused(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"state_dict": _state()}, path)
-    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n", encoding="utf-8")
     with pytest.raises(WeightsError, match="not a UniFuse checkpoint"):
         load_checkpoint(path)
 
@@ -82,6 +82,6 @@ def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / "future.pt"
     torch.save({"format": "unifuse-checkpoint", "format_version": 99, "config": tiny().to_dict(),
                 "state_dict": _state()}, path)
-    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n", encoding="utf-8")
     with pytest.raises(WeightsError, match="upgrade unifuse"):
         load_checkpoint(path)
