@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_output
 
-.PHONY: venv demo test info sample-data clean
+.PHONY: venv demo test info sample-data screenshots clean
 
 venv: $(STAMP)
 
@@ -36,3 +36,8 @@ clean:
 # Regenerate the sample pair shipped with the Slicer module (deterministic; checked by Testing/test_sample_data.py).
 sample-data: venv
 	$(VPY) -c "from unifuse.demo import write_sample_data; write_sample_data('UniFuseSlicer/Resources/SampleData', overwrite=True)"
+
+# Screenshots for the README and the Extensions Manager: Slicer's views of the demo, rendered offscreen.
+screenshots: venv
+	$(VENV)/bin/unifuse demo --out build/screenshots --overwrite --quiet
+	PYTHONPATH=UniFuseSlicer $(VPY) -m UniFuseSlicerLib.demo_views build/screenshots --out Resources/Screenshots
