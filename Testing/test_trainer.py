@@ -80,10 +80,10 @@ def test_log_files_have_expected_columns(tiny_run):
     header, rows = _read_csv(out / "val_log.csv")
     assert tuple(header) == VAL_COLUMNS
     assert [int(r["step"]) for r in rows] == [0, 10, 20, 30, 40]
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sum(r["kind"] == "train" for r in records) == 40 and sum(r["kind"] == "val" for r in records) == 5
-    assert json.loads((out / "train_config.json").read_text()) == configs.tiny().to_dict()
-    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "train_config.json").read_text(encoding="utf-8")) == configs.tiny().to_dict()
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["finished"] and summary["step"] == 40
 
 
@@ -146,6 +146,18 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert [int(r["step"]) for r in val_part] == [0, 4, 8, 12]
 
 
+def test_fine_tuning_starts_from_the_checkpoint(tiny_run, tmp_path):
+    from unifuse.weights import load_checkpoint
+
+    _, result, _ = tiny_run
+    ckpt = load_checkpoint(result.best_checkpoint)
+    tuned = Trainer(_tiny(init_from=str(result.best_checkpoint), train_seed=5), tmp_path, device="cpu", log_stream=None)
+    for k, v in tuned.model.state_dict().items():
+        assert torch.equal(v, ckpt.state_dict[k]), k
+    with pytest.raises(UniFuseError, match="same network config"):
+        Trainer(_tiny(init_from=str(result.best_checkpoint), working_size=32), tmp_path / "other", device="cpu", log_stream=None)
+
+
 def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
     cfg = _tiny(steps=2, val_every=2, checkpoint_every=2)
     Trainer(cfg, tmp_path, device="cpu", log_stream=None).fit()
@@ -181,15 +193,15 @@ def test_sampler_is_seeded_epoch_permutation_and_resumable():
 
 # --------------------------------------------------------------------------------------------- configs
 def test_named_configs_are_valid_and_json_configs_override_a_base(tmp_path):
-    for name in ("tiny", "cpu", "gpu"):
+    for name in ("tiny", "cpu", "cpu_finetune", "gpu"):
         cfg = get_train_config(name)
-        assert cfg.name == name and cfg.grad_clip == 1.0
+        assert cfg.name == name and cfg.grad_clip == 1.0 and cfg.init_from is None
         assert TrainConfig.from_dict(cfg.to_dict()) == cfg
         assert cfg.grid % cfg.model_config().size_multiple == 0
     assert (get_train_config("gpu").lr, get_train_config("gpu").lr_min) == (1e-4, 1e-6)  # the paper's schedule
     assert get_train_config("cpu").lr_min == 1e-6
     path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"base": "tiny", "steps": 7, "lr": 5e-4}))
+    path.write_text(json.dumps({"base": "tiny", "steps": 7, "lr": 5e-4}), encoding="utf-8")
     cfg = get_train_config(str(path))
     assert (cfg.steps, cfg.lr, cfg.model, cfg.name) == (7, 5e-4, "tiny", "mine")
 
@@ -214,10 +226,10 @@ def test_unknown_config_name_and_bad_json(tmp_path):
     with pytest.raises(UniFuseError, match="unknown training config"):
         get_train_config("nope")
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(UniFuseError, match="not valid JSON"):
         get_train_config(str(bad))
-    bad.write_text(json.dumps({"base": "tiny", "colour": 3}))
+    bad.write_text(json.dumps({"base": "tiny", "colour": 3}), encoding="utf-8")
     with pytest.raises(UniFuseError, match="colour"):
         get_train_config(str(bad))
 
@@ -242,9 +254,9 @@ def test_evaluation_reports_model_and_baselines_and_the_card(tiny_run, tmp_path)
                                       "beats_baselines_q_ssim", "beats_baselines_q_psnr", "beats_baselines_q_cc"}
     assert report["targets"] == check_targets(report)
     json_path, md_path = write_model_card(report, tmp_path)
-    card = json.loads(json_path.read_text())
+    card = json.loads(json_path.read_text(encoding="utf-8"))
     assert card["evaluation"]["checkpoint"]["sha256"] == report["checkpoint"]["sha256"]
-    md = md_path.read_text()
+    md = md_path.read_text(encoding="utf-8")
     assert "Not for clinical use" in md and f"{report['fusion']['unifuse']['q_ssim']['mean']:.4f}" in md
 
 
@@ -297,7 +309,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert (card_dir / "model_card.json").is_file() and (card_dir / "MODEL_CARD.md").is_file()
     published = load_checkpoint(card_dir / "unifuse_default.pt")
     assert published.metadata["trained"] is True and published.metadata["step"] == 5
-    card = json.loads((card_dir / "model_card.json").read_text())
+    card = json.loads((card_dir / "model_card.json").read_text(encoding="utf-8"))
     assert card["evaluation"]["checkpoint"]["sha256"] == published.sha256
     with pytest.raises(UniFuseError, match="need --out"):
         run_evaluate(parser.parse_args(["evaluate", "--weights", str(out / "final.pt"), "--model-card"]))

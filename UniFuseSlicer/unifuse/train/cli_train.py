@@ -5,8 +5,8 @@ Hook into :mod:`unifuse.cli` with::
     add_train_parser(sub)                      # adds both sub-commands
     handlers = {..., "train": run_train, "evaluate": run_evaluate}
 
-``unifuse train --config CONFIG --out DIR [--resume] [--steps N] [--device auto|cpu|cuda] [--threads T]``
-    CONFIG is a named training config (``tiny``, ``cpu``, ``gpu``; :mod:`unifuse.train.configs`) or a JSON file
+``unifuse train --config CONFIG --out DIR [--resume] [--steps N] [--device auto|cpu|cuda] [--threads T] [--init-from W]``
+    CONFIG is a named training config (``tiny``, ``cpu``, ``cpu_finetune``, ``gpu``; :mod:`unifuse.train.configs`) or a JSON file
     of TrainConfig fields. Progress goes to stderr, logs and checkpoints to DIR (see :mod:`unifuse.train.trainer`).
 
 ``unifuse evaluate --weights W [--out DIR] [--cases N] [--seed S] [--device ...] [--model-card] [--publish]``
@@ -44,6 +44,8 @@ def add_train_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps (overrides the config)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (overrides the config)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this trained checkpoint (fine-tuning; same network config)")
 
     p = subparsers.add_parser("evaluate", help="evaluate a checkpoint on the held-out synthetic set against baselines")
     p.add_argument("--weights", required=True, type=Path, help="UniFuse checkpoint (.pt with its .sha256)")
@@ -69,6 +71,8 @@ def run_train(args: argparse.Namespace) -> int:
         changes["steps"] = int(args.steps)
     if args.threads is not None:
         changes["num_threads"] = int(args.threads)
+    if getattr(args, "init_from", None) is not None:
+        changes["init_from"] = str(args.init_from)
     if changes:
         config = config.replace(**changes)
     trainer = Trainer(config, args.out, device=args.device, resume=args.resume)
@@ -83,9 +87,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def publish_checkpoint(source: Path, out_dir: Path) -> Path:
     """Verify ``source`` and re-save it with :func:`unifuse.weights.save_checkpoint` as
-    ``out_dir/unifuse_default.pt`` (+ ``.sha256``), recording where it came from and, when the run folder
-    has one, the run's ``summary.json`` (total steps and wall time); returns the new path."""
+    ``out_dir/unifuse_default.pt`` (+ ``.sha256``), recording where it came from, the run's ``summary.json``
+    (total steps and wall time) when its folder has one and, for a fine-tuned checkpoint, the provenance of
+    the checkpoint it started from; returns the new path."""
     from ..weights import SHIPPED_WEIGHTS_NAME, load_checkpoint, save_checkpoint
+    from .trainer import describe_source_checkpoint
 
     ckpt = load_checkpoint(source)
     if not ckpt.metadata.get("trained"):
@@ -95,6 +101,9 @@ def publish_checkpoint(source: Path, out_dir: Path) -> Path:
     summary = Path(source).parent / "summary.json"
     if summary.is_file():  # the whole run (the checkpoint's own metadata describes the run up to its export)
         metadata["run_summary"] = json.loads(summary.read_text(encoding="utf-8"))
+    init_from = (ckpt.metadata.get("train_config") or {}).get("init_from")
+    if init_from and "initialised_from" not in metadata and Path(init_from).is_file():
+        metadata["initialised_from"] = describe_source_checkpoint(load_checkpoint(init_from))
     save_checkpoint(destination, ckpt.config, ckpt.state_dict, metadata)
     return destination
 

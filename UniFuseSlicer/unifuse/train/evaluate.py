@@ -314,6 +314,18 @@ def format_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_mean_std(stat: Dict[str, Any]) -> str:
+    mean = stat.get("mean")
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{_fmt(mean)} ± {_fmt(stat.get('std'), 3)}"
+
+
+def _fmt_gap(x: float) -> str:
+    """Gaps keep two significant digits, so a tiny miss is not printed as 0.0000."""
+    return f"{x:.2g}"
+
+
 def _model_card_markdown(card: Dict[str, Any]) -> str:
     ev = card["evaluation"]
     ck = ev["checkpoint"]
@@ -333,6 +345,22 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
              f"LoRA rank {cfg['lora_rank']}, Ñ={cfg['num_degradations']} degradation classes "
              f"({', '.join(f'{c} = {DEGRADATION_LABELS[c]}' for c in DEGRADATION_CLASSES)}).\n")
     L.append("## Training\n")
+    stages = []
+    src = tr.get("initialised_from")
+    while src:
+        stages.append(src)
+        src = src.get("initialised_from")
+    for i, st in enumerate(reversed(stages), start=1):
+        stc, sd, sr = st.get("train_config") or {}, st.get("training_data") or {}, st.get("run_summary") or {}
+        L.append(f"- Stage {i} (`{stc.get('name')}`, checkpoint SHA-256 `{str(st.get('sha256'))[:12]}…` at step {st.get('step')}): "
+                 f"AdamW, lr {stc.get('lr')} → {stc.get('lr_min')} cosine ({stc.get('warmup_steps')} warm-up steps), batch "
+                 f"{stc.get('batch_size')}, {sr.get('step', st.get('step'))} of {stc.get('steps')} steps in "
+                 f"{_fmt((sr.get('wall_time_s') or 0) / 60, 1)} min, {sd.get('train', {}).get('cases')} training cases "
+                 f"(seed {sd.get('train', {}).get('seed')}), init `{stc.get('init')}`, loss weights "
+                 f"{json.dumps(stc.get('loss_weights') or 'defaults')}, teacher-forced degradation "
+                 f"{stc.get('true_degradation_in_training')}.")
+    if stages:
+        L.append(f"- Stage {len(stages) + 1} (the shipped weights) continues from stage {len(stages)}:")
     td = tr.get("training_data", {})
     L.append(f"- Data: `{td.get('generator', 'SyntheticPairs')}` — {td.get('train', {}).get('cases')} synthetic training cases "
              f"(seed {td.get('train', {}).get('seed')}), {td.get('validation', {}).get('cases')} validation cases "
@@ -340,7 +368,9 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
     L.append(f"- Optimisation: AdamW, lr {tc.get('lr')} → {tc.get('lr_min')} cosine ({tc.get('warmup_steps')} warm-up steps), "
              f"weight decay {tc.get('weight_decay')}, gradient clipping at L2 norm {tc.get('grad_clip')}, batch {tc.get('batch_size')}, "
              f"{tr.get('step')} of {tc.get('steps')} steps (checkpoint `{tr.get('checkpoint')}`, selected by {tr.get('best_by', 'last step')}); "
-             f"loss weights {json.dumps(tc.get('loss_weights') or 'defaults of LossWeights')}.")
+             f"loss weights {json.dumps(tc.get('loss_weights') or 'defaults of LossWeights')}; "
+             f"{'started from the checkpoint above' if tc.get('init_from') else 'initialisation ' + str(tc.get('init'))}; "
+             f"teacher-forced degradation class in training steps: {tc.get('true_degradation_in_training')}.")
     L.append(f"- Compute: {comp.get('device')} — {comp.get('cpu')}, {comp.get('cpu_threads')} threads, "
              f"AMP {comp.get('amp')}, training wall time {_fmt((comp.get('wall_time_s') or 0) / 60, 1)} min at export, "
              f"torch {comp.get('torch')}; exported {tr.get('date_utc')}.")
@@ -359,7 +389,7 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
     L.append("| method | " + " | ".join(FUSION_KEYS) + " |")
     L.append("|---|" + "---|" * len(FUSION_KEYS))
     for m in METHODS:
-        cells = [f"{_fmt(ev['fusion'][m][k]['mean'])} ± {_fmt(ev['fusion'][m][k]['std'], 3)}" for k in FUSION_KEYS]
+        cells = [_fmt_mean_std(ev["fusion"][m][k]) for k in FUSION_KEYS]
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     vif = ev["fusion"]["unifuse"]["q_vif"]["mean"]
     if not (isinstance(vif, float) and math.isfinite(vif)):
@@ -396,10 +426,10 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
             gap = f"missed by {_fmt(t['gap_percent_points'], 3)} points" if not t["met"] else ""
         elif name == "degradation_accuracy":
             res = f"{_fmt(t['value'], 3)}"
-            gap = f"missed by {_fmt(t['gap'], 3)}" if not t["met"] else ""
+            gap = f"missed by {_fmt_gap(t['gap'])}" if not t["met"] else ""
         else:
-            res = f"{_fmt(t['value'])} vs " + ", ".join(f"{m} {_fmt(v)}" for m, v in t["baselines"].items())
-            gap = f"short of the best baseline by {_fmt(t['gap'])}" if not t["met"] else ""
+            res = f"{t['value']:.5g} vs " + ", ".join(f"{m} {v:.5g}" for m, v in t["baselines"].items())
+            gap = f"short of the best baseline by {_fmt_gap(t['gap'])}" if not t["met"] else ""
         L.append(f"| {t['description']} | {res} | {'yes' if t['met'] else 'NO ' + gap} |")
     L.append("\n## Limitations\n")
     for item in card["limitations"]:

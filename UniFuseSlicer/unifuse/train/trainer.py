@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UniFuseError
+from ..io import default_file_mode
 from ..spatial import jacobian_determinant, warp
 from ..weights import save_checkpoint
 from .configs import TrainConfig
@@ -69,6 +70,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "cosine_lr_factor",
+    "describe_source_checkpoint",
     "he_conv_init",
     "cpu_model_name",
     "make_dataset",
@@ -117,6 +119,25 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_source_checkpoint(ckpt: Any) -> Dict[str, Any]:
+    """Provenance of a checkpoint a run started from (fine-tuning): path, SHA-256, its step, training config
+    and compute, and its run folder's ``summary.json`` when present (plain data for checkpoint metadata)."""
+    meta = ckpt.metadata
+    info: Dict[str, Any] = {
+        "path": str(ckpt.path),
+        "sha256": ckpt.sha256,
+        "step": meta.get("step"),
+        "train_config": meta.get("train_config"),
+        "training_data": meta.get("training_data"),
+        "compute": meta.get("compute"),
+    }
+    if ckpt.path is not None and (Path(ckpt.path).parent / "summary.json").is_file():
+        info["run_summary"] = json.loads((Path(ckpt.path).parent / "summary.json").read_text(encoding="utf-8"))
+    if meta.get("initialised_from"):
+        info["initialised_from"] = meta["initialised_from"]
+    return info
 
 
 def he_conv_init(model: torch.nn.Module) -> int:
@@ -208,6 +229,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp files are private (0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -219,6 +241,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, default_file_mode())  # mkstemp files are private (0600)
     os.replace(tmp, path)
 
 
@@ -359,7 +382,10 @@ class Trainer:
         self.model_config = config.model_config()
         _seed_everything(config.seed)
         self.model = build_model(self.model_config)
-        if config.init == "he_conv":
+        self.init_info: Optional[Dict[str, Any]] = None
+        if config.init_from:
+            self._load_initial_weights(Path(config.init_from))
+        elif config.init == "he_conv":
             he_conv_init(self.model)
         self.model.to(self.device)
         self.loss_fn = UniFuseLoss(LossWeights(**config.loss_weights))
@@ -397,6 +423,19 @@ class Trainer:
         self.val_batches = self._build_val_batches()
 
     # ------------------------------------------------------------------------------------------ setup
+    def _load_initial_weights(self, path: Path) -> None:
+        """Start from a trained checkpoint (fine-tuning); its network config must equal this run's."""
+        from ..weights import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        if ckpt.config != self.model_config:
+            raise UniFuseError(
+                f"init_from {path} holds a {ckpt.config.name!r} network ({ckpt.config.to_dict()}) but this run trains "
+                f"{self.model_config.to_dict()}; fine-tune with the same network config"
+            )
+        self.model.load_state_dict(ckpt.state_dict, strict=True)
+        self.init_info = describe_source_checkpoint(ckpt)
+
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if self.device.type != "cuda" or self.config.amp == "off":
             return None
@@ -605,6 +644,8 @@ class Trainer:
             "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             **(extra or {}),
         }
+        if self.init_info is not None:
+            metadata["initialised_from"] = self.init_info
         path = self.out_dir / name
         save_checkpoint(path, self.model_config, self.model.state_dict(), metadata)
         return path
