@@ -12,12 +12,7 @@ from unifuse.model.complexity import MODULES, flop_report, format_info, forward_
 from unifuse.model.mamba import SCAN_FLOPS_PER_ELEMENT, SCAN_INJECT_FLOPS_PER_ELEMENT
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_parameter_counts_cover_the_whole_model():

@@ -23,13 +23,7 @@ from unifuse.model.mamba import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one thread is faster on a shared 2-core machine and keeps timings stable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_inputs(batch, length, d_inner, n_state, *, h0=False, inject=False, skip=True, dtype=torch.float64, seed=0):

@@ -24,13 +24,7 @@ from unifuse.spatial import identity_grid, jacobian_determinant, warp
 N_CLASSES = len(DEGRADATION_CLASSES)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny volumes: one thread is faster on a shared 2-core machine and makes runs reproducible."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(seed: int = 0, cfg: ModelConfig = None) -> UniFuse:

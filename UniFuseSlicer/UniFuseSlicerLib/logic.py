@@ -44,7 +44,7 @@ import SimpleITK as sitk
 
 import slicer
 from unifuse.errors import CancelledError, GeometryError, InputImageError, UniFuseError
-from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE  # file names written by FusionResult.save / the CLI
+from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE, FusionResult  # file names written by FusionResult.save / the CLI
 
 from . import display, hierarchy
 from .background import CliProcess
@@ -483,7 +483,7 @@ class FusionLogic:
         images["displacement"] = sitk.Cast(images["displacement"], sitk.sitkVectorFloat64)
         report = json.loads((out_dir / REPORT_FILE).read_text(encoding="utf-8"))
         degradation_info = report.get("degradation", {})
-        result = _LoadedResult(
+        result = FusionResult(
             degradation=str(degradation_info.get("used", "unknown")),
             probabilities={k: float(v) for k, v in degradation_info.get("probabilities", {}).items()},
             report=report,
@@ -508,21 +508,6 @@ def _item_children(sh: "slicer.vtkMRMLSubjectHierarchyNode", folder: int) -> Lis
     ids = vtk.vtkIdList()
     sh.GetItemChildren(folder, ids, False)
     return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
-
-
-@dataclass
-class _LoadedResult:
-    """The fields of ``unifuse.FusionResult`` read back from a CLI output folder."""
-
-    fused: sitk.Image
-    aligned: sitk.Image
-    displacement: sitk.Image
-    jacobian: sitk.Image
-    error_map: sitk.Image
-    error_map_before: sitk.Image
-    degradation: str
-    probabilities: Dict[str, float]
-    report: Dict[str, Any]
 
 
 def _snap_to_grid(image: sitk.Image, grid: sitk.Image, role: str) -> sitk.Image:
