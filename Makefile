@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_output
 
-.PHONY: venv demo test info sample-data screenshots clean
+.PHONY: venv demo test bench info sample-data screenshots clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: venv
 
 test: venv
 	$(VPY) -m pytest -q
+
+# The benchmark (several minutes on 2 cores): UniFuse vs registration + fusion baselines -> bench_output/.
+bench: venv
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+	$(VENV)/bin/unifuse bench --out bench_output
 
 info: venv
 	$(VENV)/bin/unifuse info

@@ -4,6 +4,7 @@
 ``unifuse demo``   build the synthetic sample pair with known truth, fuse it, print metrics, write PNGs
 ``unifuse info``   parameter counts per module and FLOPs of the network configs
 ``unifuse train``  train on synthetic pairs (resumable); ``unifuse evaluate`` held-out metrics + model card
+``unifuse bench``  UniFuse against multi-stage baselines (metrics, time, memory); ``--speed`` cost vs grid size
 
 Exit codes: 0 success; 1 a user-facing error (one line on stderr: what is wrong and how to fix it);
 2 bad command-line usage; 130 cancelled (Ctrl-C) — in every failure case no partial outputs are left.
@@ -88,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(CONFIGS), default=None, help="only this config (default: all)")
     p.add_argument("--weights", type=Path, default=None, help="describe this checkpoint's config")
 
+    from .bench import add_bench_parser
     from .train.cli_train import add_train_parser
 
     add_train_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -180,9 +183,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .bench import run_bench
     from .train.cli_train import run_evaluate, run_train
 
-    handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info, "train": run_train, "evaluate": run_evaluate}
+    handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info, "train": run_train,
+                "evaluate": run_evaluate, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
