@@ -7,11 +7,9 @@ one corner and exactly zero elsewhere. Each test checks what must be on screen, 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 
 slicer = pytest.importorskip("slicer")
 pytest.importorskip("trame_slicer")

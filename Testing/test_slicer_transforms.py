@@ -14,11 +14,9 @@ test can tell the two conventions apart.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 
 slicer = pytest.importorskip("slicer")
 from vtkmodules.util import numpy_support  # noqa: E402
@@ -26,16 +24,7 @@ from vtkmodules.util import numpy_support  # noqa: E402
 from unifuse import geometry  # noqa: E402
 from unifuse.errors import GeometryError, InputImageError  # noqa: E402
 from UniFuseSlicerLib import transforms, volumes  # noqa: E402
-
-FLIP = np.diag([-1.0, -1.0, 1.0])
-
-
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    ax, ay, az = np.deg2rad([ax, ay, az])
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from geometry_helpers import FLIP, rotation  # noqa: E402
 
 
 def grid_image(size_xyz, spacing, origin, direction, array=None) -> sitk.Image:

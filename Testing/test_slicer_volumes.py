@@ -6,11 +6,9 @@ the RAS flip of SimpleITK's own ``TransformIndexToPhysicalPoint`` for that index
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
@@ -18,17 +16,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from unifuse.errors import GeometryError, InputImageError  # noqa: E402
 from UniFuseSlicerLib import volumes  # noqa: E402
-
-FLIP = np.diag([-1.0, -1.0, 1.0])
-
-
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    """Rotation matrix from three angles in degrees (x, then y, then z)."""
-    ax, ay, az = np.deg2rad([ax, ay, az])
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from geometry_helpers import FLIP, rotation  # noqa: E402
 
 
 def oblique_image(array: np.ndarray, spacing=(0.7, 1.3, 2.1), origin=(12.5, -30.25, 7.0),
