@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputImageError
+from ..metrics import SSIM_K1, SSIM_K2, SSIM_RADIUS, SSIM_SIGMA, ssim_window_radius
 
 __all__ = [
     "SSIM_SIGMA",
@@ -50,11 +51,7 @@ __all__ = [
     "UniFuseLoss",
 ]
 
-#: SSIM window and constants; identical to :mod:`unifuse.metrics` so the loss equals 1 − the metric.
-SSIM_SIGMA: float = 1.5
-SSIM_RADIUS: int = 5
-SSIM_K1: float = 0.01
-SSIM_K2: float = 0.03
+# SSIM window and constants come from :mod:`unifuse.metrics` so the loss equals 1 − the metric.
 
 
 def _check_volume(x: torch.Tensor, name: str) -> None:
@@ -76,13 +73,6 @@ def gaussian_kernel1d(radius: int, sigma: float, dtype: torch.dtype = torch.floa
     k = torch.arange(-radius, radius + 1, dtype=torch.float64)
     w = torch.exp(-0.5 * (k / sigma) ** 2)
     return (w / w.sum()).to(dtype=dtype, device=device)
-
-
-def _ssim_radius(spatial: Sequence[int]) -> int:
-    smallest = int(min(spatial))
-    if smallest < 3:
-        raise InputImageError(f"SSIM needs at least 3 voxels along every axis; got spatial shape {tuple(spatial)}")
-    return min(SSIM_RADIUS, (smallest - 1) // 2)
 
 
 def _blur_valid(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -109,7 +99,7 @@ def ssim3d_torch(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> t
     """
     _check_pair(x, y, ("x", "y"))
     b, c = x.shape[:2]
-    radius = _ssim_radius(x.shape[2:])
+    radius = ssim_window_radius(x.shape[2:])
     kernel = gaussian_kernel1d(radius, SSIM_SIGMA, dtype=x.dtype, device=x.device)
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
