@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from unifuse.config import DEGRADATION_CLASSES, ModelConfig, default, paper, tiny
 from unifuse.errors import InputImageError
 from unifuse.model import UniFuse, UniFuseOutput, build_model
-from unifuse.model.alignment import integrate_velocity, local_correlation, regblk_schedule
+from unifuse.model.alignment import FeatureAlignment, integrate_velocity, local_correlation, regblk_schedule
 from unifuse.model.dapl import bidirectional_order
 from unifuse.model.fusion import LoRABranches
 from unifuse.spatial import identity_grid, jacobian_determinant, warp
@@ -242,7 +242,21 @@ def test_unusable_config_raises():
 def test_config_round_trip_with_new_fields():
     for cfg in (tiny(), default(), paper()):
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    assert {"fa_stride", "corr_radius", "integration_steps"} <= set(default().to_dict())
+    assert {"fa_stride", "corr_radius", "integration_steps", "fa_skips"} <= set(default().to_dict())
+
+
+def test_checkpoint_configs_from_before_fa_skips_build_the_token_only_network():
+    old = tiny().to_dict()
+    del old["fa_skips"]  # a config saved before the option existed
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.fa_skips is False
+    model = build_model(cfg)
+    assert len(model.fa.laterals) == 0 and model.fa.head_corr_proj is None
+    width = model.fa.schedule[-1].out_channels
+    assert model.fa.head[0].in_channels == 2 * width
+    with torch.no_grad():
+        out = model(*pair(16))
+    assert out.displacement.shape == (1, 3, 16, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------- DAPL
@@ -326,6 +340,52 @@ def test_regblk_schedules_for_q4_and_q8():
     assert [s.level for s in q8] == [0, 0, 0, 1]
     full = regblk_schedule(2, patch_size=8, fa_stride=1, embed_dim=16, corr_radius=2)
     assert [s.upsample for s in full] == [True, True] and full[-1].out_channels == 8
+
+
+def _fa(skip_channels: int) -> FeatureAlignment:
+    torch.manual_seed(0)
+    fa = FeatureAlignment(embed_dim=16, patch_size=4, num_blocks=2, fa_stride=1, corr_radius=1, num_classes=N_CLASSES,
+                          prompt_len=2, max_displacement=0.25, integration_steps=2, skip_channels=skip_channels)
+    perturb_zero_initialised(fa)
+    return fa
+
+
+def _fa_inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = [torch.randn(1, 64, 16, generator=gen) for _ in range(2)]  # 4³ token grid of a 16³ volume
+    prompt, p = torch.randn(1, N_CLASSES, 2, 16, generator=gen), torch.full((1, N_CLASSES), 1.0 / N_CLASSES)
+    return tokens, prompt, p
+
+
+def test_fa_skips_feed_the_encoder_features_into_every_upsampled_level_and_the_head():
+    fa = _fa(skip_channels=4)
+    assert len(fa.laterals) == 2  # Q = 4 -> full resolution: two upsamplings
+    assert fa.head[0].in_channels == 2 * fa.schedule[-1].out_channels + 27
+    (t_d, t_r), prompt, p = _fa_inputs()
+    gen = torch.Generator().manual_seed(1)
+    skip_d, skip_r = torch.randn(1, 4, 16, 16, 16, generator=gen), torch.randn(1, 4, 16, 16, 16, generator=gen)
+    with torch.no_grad():
+        u = fa(t_d, t_r, (4, 4, 4), (16, 16, 16), prompt, p, skip_mov=skip_d, skip_ref=skip_r)
+        # the same tokens with a voxel-level change inside one patch: the token-only path cannot see it
+        skip_d2 = skip_d.clone()
+        skip_d2[..., 5, 5, 5] += 3.0
+        u2 = fa(t_d, t_r, (4, 4, 4), (16, 16, 16), prompt, p, skip_mov=skip_d2, skip_ref=skip_r)
+    assert u.shape == (1, 3, 16, 16, 16)
+    change = (u2 - u).abs().sum(dim=1)[0]
+    assert float(change.max()) > 1e-4
+    assert int(change.argmax()) in {z * 256 + y * 16 + x for z in range(3, 8) for y in range(3, 8) for x in range(3, 8)}
+    with pytest.raises(ValueError, match="skip_mov and skip_ref"):
+        fa(t_d, t_r, (4, 4, 4), (16, 16, 16), prompt, p)
+
+
+def test_fa_without_skips_reads_the_tokens_alone():
+    fa = _fa(skip_channels=0)
+    (t_d, t_r), prompt, p = _fa_inputs()
+    with torch.no_grad():
+        u = fa(t_d, t_r, (4, 4, 4), (16, 16, 16), prompt, p)
+        u_ignored = fa(t_d, t_r, (4, 4, 4), (16, 16, 16), prompt, p,
+                       skip_mov=torch.ones(1, 4, 16, 16, 16), skip_ref=torch.zeros(1, 4, 16, 16, 16))
+    torch.testing.assert_close(u, u_ignored, rtol=0, atol=0)
 
 
 def test_integrate_velocity_of_a_constant_field_is_a_translation():

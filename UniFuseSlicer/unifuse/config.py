@@ -47,6 +47,9 @@ class ModelConfig:
         corr_radius: radius r of the local correlation ((2r+1)³ offsets) of the RegBLKs on the token grid.
         integration_steps: scaling-and-squaring steps integrating the FA output as a stationary velocity
             (0: the FA output is the displacement itself).
+        fa_skips: feed the shared encoder's full-resolution features into FA after each upsampling and
+            correlate at the head (``unifuse.model.alignment``). False reproduces networks (and reads
+            checkpoints) made before the option existed: the field is then read from the token maps alone.
     """
 
     name: str = "default"
@@ -66,6 +69,7 @@ class ModelConfig:
     fa_stride: int = 2
     corr_radius: int = 2
     integration_steps: int = 4
+    fa_skips: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -109,12 +113,13 @@ def tiny() -> ModelConfig:
         num_regblks=2,
         unet_channels=(8, 16),
         lora_rank=2,
+        fa_skips=True,
     )
 
 
 def default() -> ModelConfig:
     """The network whose weights ship with the extension (trained on CPU-affordable 64³ grids)."""
-    return ModelConfig()
+    return ModelConfig(fa_skips=True)
 
 
 def paper() -> ModelConfig:
@@ -130,6 +135,7 @@ def paper() -> ModelConfig:
         num_regblks=4,
         unet_channels=(32, 64, 128, 256),
         lora_rank=8,
+        fa_skips=True,
     )
 
 
@@ -159,6 +165,7 @@ def cpu() -> ModelConfig:
         fa_stride=2,
         corr_radius=2,
         integration_steps=4,
+        fa_skips=True,
     )
 
 

@@ -13,6 +13,13 @@ RegBLKs. RegBLK i takes (F_D^i, F_R^i, prompt guidance) and returns (F_D^{i+1}, 
 4. the last min(J, U) blocks end with a 2× trilinear upsampling ("↑"), U = ⌈log2(Q / fa_stride)⌉, halving
    the width each time (never below 8 channels): coarse-to-fine from S/Q to S/fa_stride.
 
+Encoder skips (``skip_channels`` > 0, ``ModelConfig.fa_skips``): tokens are Q³ patches, so the token maps
+alone cannot place an edge more finely than one patch (8 voxels), while the misalignments we train on are
+a few voxels. After each upsampling, the shared encoder's full-resolution features F'_D, F_R (C channels),
+average-pooled to that level, enter both streams through one shared 3×3×3 conv + GELU ("lateral", added
+to the upsampled maps, as in a feature pyramid); and the head then also reads a radius-1 local correlation
+of the two streams at the field grid. This is our departure from Fig. 3 (``docs/architecture.md``).
+
 Only the first block correlates with radius ``corr_radius`` (capture range ±r·Q voxels of the working grid);
 the following blocks refine with radius 1. Schedules (:func:`regblk_schedule` is the source of truth), with
 the default fa_stride = 2 and J = 4:
@@ -21,7 +28,7 @@ the default fa_stride = 2 and J = 4:
 * Q = 8: blocks 1–3 at S/8 (widths M, M, M/2; block 3 ends ↑ S/4), block 4 at S/4 then ↑ S/2 (width M/4);
   the head works at S/2.
 
-Head: concat(F_D^{J+1}, F_R^{J+1}) -> 3×3×3 conv (GELU) -> 1×1×1 conv (zero-initialised) -> v. The paper
+Head: concat(F_D^{J+1}, F_R^{J+1}[, corr_1(F_R^{J+1}, F_D^{J+1}) with skips]) -> 3×3×3 conv (GELU) -> 1×1×1 conv (zero-initialised) -> v. The paper
 ends the head in a ReLU; a ReLU cannot produce negative displacements, so there is none here: the raw
 output is bounded instead, ``v = tanh(v_raw) · b`` with b = ``max_displacement`` × grid edge (per axis).
 With ``integration_steps`` > 0, v is read as a stationary velocity and integrated by scaling and squaring,
@@ -194,6 +201,8 @@ class FeatureAlignment(nn.Module):
         num_classes, prompt_len: Ñ and L of the prompt P̂.
         max_displacement: bound of each field component as a fraction of the working-grid edge.
         integration_steps: scaling-and-squaring steps (0: the head output is the displacement).
+        skip_channels: C of the encoder features fed in after each upsampling (0 = no encoder skips: the
+            field is read from the token maps alone, the paper's Fig. 3).
     """
 
     def __init__(
@@ -207,9 +216,11 @@ class FeatureAlignment(nn.Module):
         prompt_len: int,
         max_displacement: float,
         integration_steps: int,
+        skip_channels: int = 0,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.skip_channels = skip_channels
         self.fa_stride = fa_stride
         self.max_displacement = max_displacement
         self.integration_steps = integration_steps
@@ -217,7 +228,17 @@ class FeatureAlignment(nn.Module):
         self.schedule = regblk_schedule(num_blocks, patch_size, fa_stride, embed_dim, corr_radius)
         self.blocks = nn.ModuleList(RegBLK(spec, embed_dim) for spec in self.schedule)
         width = self.schedule[-1].out_channels if self.schedule else embed_dim
-        self.head = nn.Sequential(nn.Conv3d(2 * width, width, 3, padding=1), nn.GELU())
+        # one lateral per upsampling (shared by the D and R streams), mapping the pooled encoder features
+        self.laterals = nn.ModuleList(
+            conv3d_gelu(skip_channels, spec.out_channels) for spec in self.schedule if spec.upsample and skip_channels
+        )
+        head_in = 2 * width
+        if skip_channels:
+            self.head_corr_proj: Optional[nn.Conv3d] = nn.Conv3d(width, min(width, CORR_CHANNELS), 1)
+            head_in += 27  # radius-1 correlation
+        else:
+            self.head_corr_proj = None
+        self.head = nn.Sequential(nn.Conv3d(head_in, width, 3, padding=1), nn.GELU())
         self.head_out = nn.Conv3d(width, 3, 1)
         nn.init.zeros_(self.head_out.weight)
         nn.init.zeros_(self.head_out.bias)
@@ -239,6 +260,8 @@ class FeatureAlignment(nn.Module):
         volume_grid: Grid,
         prompt: torch.Tensor,
         p: torch.Tensor,
+        skip_mov: Optional[torch.Tensor] = None,
+        skip_ref: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Predict the pull-back field.
 
@@ -248,11 +271,15 @@ class FeatureAlignment(nn.Module):
             volume_grid: working grid (S_z, S_y, S_x).
             prompt: (B, Ñ, L, M) P̂.
             p: (B, Ñ) degradation weights.
+            skip_mov, skip_ref: (B, C, S_z, S_y, S_x) shared-encoder features F'_D, F_R on the working grid;
+                required when the module was built with ``skip_channels`` > 0, ignored otherwise.
 
         Returns:
             u (B, 3, S_z, S_y, S_x): voxels of the working grid, channels (x, y, z), each component bounded
             by ``max_displacement`` × grid edge of that axis.
         """
+        if self.skip_channels and (skip_mov is None or skip_ref is None):
+            raise ValueError("this FeatureAlignment was built with encoder skips: pass skip_mov and skip_ref")
         guidance = self.guidance(prompt, p)
         d = tokens_to_volume(tokens_d, token_grid)
         r = tokens_to_volume(tokens_r, token_grid)
@@ -261,8 +288,16 @@ class FeatureAlignment(nn.Module):
         for block in self.blocks:
             out_size = sizes[level] if block.spec.upsample else None
             d, r = block(d, r, guidance, out_size)
+            if block.spec.upsample and self.skip_channels:
+                lateral = self.laterals[level]
+                # mean of the encoder features over each cell of the coarser grid (cell-centred, like d and r)
+                d = d + lateral(F.adaptive_avg_pool3d(skip_mov, d.shape[2:]))
+                r = r + lateral(F.adaptive_avg_pool3d(skip_ref, r.shape[2:]))
             level += int(block.spec.upsample)
-        raw = self.head_out(self.head(torch.cat([d, r], dim=1)))
+        head_in = [d, r]
+        if self.head_corr_proj is not None:
+            head_in.append(local_correlation(self.head_corr_proj(r), self.head_corr_proj(d), 1))
+        raw = self.head_out(self.head(torch.cat(head_in, dim=1)))
         field_grid = raw.shape[2:]
         # per-component bound in voxels of the head grid, chosen so that after resize_field (which scales
         # by (S - 1) / (g - 1)) it is exactly max_displacement * S voxels of the working grid

@@ -89,7 +89,7 @@ class UniFuse(nn.Module):
         self.oufr = OUFR(c, cfg.patch_size, m, cfg.d_state, cfg.expand, cfg.d_conv)
         self.fa = FeatureAlignment(m, cfg.patch_size, cfg.num_regblks, cfg.fa_stride, cfg.corr_radius,
                                    cfg.num_degradations, cfg.prompt_len, cfg.max_displacement,
-                                   cfg.integration_steps)
+                                   cfg.integration_steps, skip_channels=c if cfg.fa_skips else 0)
         self.ufrf = UFRF(2 * c, 2 * m, cfg.unet_channels, cfg.num_degradations, cfg.prompt_len, m, cfg.lora_rank)
 
     # ------------------------------------------------------------------------------------ validation
@@ -212,7 +212,7 @@ class UniFuse(nn.Module):
         dapl: DAPLOutput = self.dapl(feat_mov, feat_ref)
         p = self.resolve_degradation(degradation, dapl.probs)
         tokens_mov, tokens_ref, token_grid = self.oufr(feat_mov, feat_ref, dapl.states)
-        u = self.fa(tokens_mov, tokens_ref, token_grid, grid, dapl.prompt, p)
+        u = self.fa(tokens_mov, tokens_ref, token_grid, grid, dapl.prompt, p, skip_mov=feat_mov, skip_ref=feat_ref)
         aligned = warp(moving, u)
         features = torch.cat([warp(feat_mov, u), feat_ref], dim=1)
         del both, feat_mov, feat_ref  # full-resolution maps no longer needed (frees memory at inference)
