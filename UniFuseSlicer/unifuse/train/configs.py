@@ -1,21 +1,21 @@
 """Training configurations of UniFuse (optimiser, schedule, data, logging), as plain dataclasses.
 
-Three named configs ship:
+Four named configs ship:
 
 ``tiny``
     The unit-test setting: the ``tiny`` network on 16³ grids, a few synthetic cases, tens of steps.
 ``cpu``
-    The setting that produced the shipped weights on a 2-core CPU in about an hour (see
+    The setting that produced the shipped weights on a 2-core CPU in under an hour (see
     ``UniFuseSlicer/Resources/Models/MODEL_CARD.md`` for the exact run).
 ``cpu_finetune``
-    The second stage of the shipped-weights run: starts from the ``cpu`` run's best checkpoint
-    (``--init-from``) at a lower learning rate on new synthetic cases.
+    Continue training ``cpu`` weights (e.g. the shipped ones, ``--init-from``) at a lower learning rate on
+    new synthetic cases.
 ``gpu``
     Paper-like: the ``default`` network, batch 3, lr 1e-4 → 1e-6 cosine, mixed precision, a large synthetic
     pool regenerated on the fly (the paper trains 500 epochs at 160³ on one RTX 4090; §4.2).
 
 Learning rate: the paper uses AdamW with 1e-4 decayed to 1e-6 by cosine annealing over ~60k steps
-(500 epochs × 369 pairs / batch 3). A CPU run affords ~1–2k steps; with so few steps 1e-4 leaves the
+(500 epochs × 369 pairs / batch 3). A CPU run affords a few thousand steps; with so few steps 1e-4 leaves the
 network far from converged, so the ``cpu`` config scales the peak rate up (documented in
 ``docs/training.md`` with the measurement that justified it) and keeps the paper's cosine shape, its final
 rate of 1e-6 and its gradient clipping at an L2 norm of 1.
@@ -211,39 +211,37 @@ def tiny() -> TrainConfig:
 def cpu() -> TrainConfig:
     """The shipped-weights run: the ``cpu`` network (``default`` architecture, 32³ grid) on a 2-core CPU.
 
-    Sized by measurement (``docs/training.md``): ~1 s per step on one shared core, so 3000 steps of batch 2
-    (6000 fresh synthetic cases, none repeated) fit in about an hour. Peak lr 1e-3 (10× the paper's; see the
-    module docstring), 100 warm-up steps, L_reg weighted 10 (the paper's L_reg is a sum over voxels, ours a
-    mean), teacher-forced degradation class during training steps.
+    Sized by measurement (``docs/training.md``): ~0.75 s per step of batch 2 on one core, so 4000 steps (8000
+    fresh synthetic cases, none repeated) take under an hour. Peak lr 5e-4 (5× the paper's; see the module
+    docstring and the lr comparison in ``docs/training.md``), 200 warm-up steps, L_reg weighted 10 (the
+    paper's L_reg is a sum over voxels, ours a mean), teacher-forced degradation class during training steps.
     """
     return TrainConfig(
         name="cpu",
         model="cpu",
         working_size=32,
         batch_size=2,
-        steps=3000,
-        lr=1e-3,
+        steps=4000,
+        lr=5e-4,
         lr_min=1e-6,
-        warmup_steps=100,
-        train_samples=6000,
+        warmup_steps=200,
+        train_samples=10000,
         val_samples=16,
         cache_train=False,
         loss_weights={"reg": 10.0},
         true_degradation_in_training=True,
-        val_every=100,
-        checkpoint_every=100,
-        log_every=20,
+        val_every=250,
+        checkpoint_every=250,
+        log_every=50,
         num_threads=1,
     )
 
 
 def cpu_finetune() -> TrainConfig:
-    """Second stage of the shipped-weights run: continue from the ``cpu`` run's best checkpoint
-    (``unifuse train --config cpu_finetune --init-from runs/cpu/best.pt``) at a lower rate, 2e-4 → 1e-6
-    cosine over 2400 steps, on 3600 new cases (``train_seed`` 2; the last 600 steps revisit 1200 of them in a
-    new order). In the ``cpu`` run the field started to
-    improve only once the cosine schedule had brought the rate below ~2.5e-4 (``docs/training.md``, which
-    also records that the shipped run was started with ``--steps 1800`` and extended to 2400 at step 700).
+    """Continue training ``cpu`` weights on new cases at a lower rate, 2e-4 → 1e-6 cosine over 2400 steps
+    (``unifuse train --config cpu_finetune --init-from UniFuseSlicer/Resources/Models/unifuse_default.pt``);
+    3600 cases of ``train_seed`` 2, which the ``cpu`` run never saw. It was the second stage of the first
+    shipped weights (token-only FA; ``docs/training.md``).
     """
     return cpu().replace(
         name="cpu_finetune",
