@@ -28,8 +28,8 @@ the default fa_stride = 2 and J = 4:
 * Q = 8: blocks 1–3 at S/8 (widths M, M, M/2; block 3 ends ↑ S/4), block 4 at S/4 then ↑ S/2 (width M/4);
   the head works at S/2.
 
-Head: concat(F_D^{J+1}, F_R^{J+1}[, corr_1(F_R^{J+1}, F_D^{J+1}) with skips]) -> 3×3×3 conv (GELU) -> 1×1×1 conv (zero-initialised) -> v. The paper
-ends the head in a ReLU; a ReLU cannot produce negative displacements, so there is none here: the raw
+Head: concat(F_D^{J+1}, F_R^{J+1}[, corr_1(F_R^{J+1}, F_D^{J+1}) with skips]) -> 3×3×3 conv (GELU)
+-> 1×1×1 conv (zero-initialised) -> v. The paper ends the head in a ReLU; a ReLU cannot produce negative displacements, so there is none here: the raw
 output is bounded instead, ``v = tanh(v_raw) · b`` with b = ``max_displacement`` × grid edge (per axis).
 With ``integration_steps`` > 0, v is read as a stationary velocity and integrated by scaling and squaring,
 so the map is (close to) diffeomorphic and does not fold; the integrated field keeps the per-component
