@@ -158,6 +158,25 @@ def test_fine_tuning_starts_from_the_checkpoint(tiny_run, tmp_path):
         Trainer(_tiny(init_from=str(result.best_checkpoint), working_size=32), tmp_path / "other", device="cpu", log_stream=None)
 
 
+def test_provenance_of_a_checkpoint_copied_out_of_its_run_folder(tiny_run, tmp_path):
+    """A published copy has no summary.json beside it: its own step and wall time stand in (model card stages)."""
+    import shutil
+
+    from unifuse.train.trainer import describe_source_checkpoint
+    from unifuse.weights import load_checkpoint
+
+    _, result, _ = tiny_run
+    in_run = describe_source_checkpoint(load_checkpoint(result.best_checkpoint))
+    copy = tmp_path / "published.pt"
+    shutil.copyfile(result.best_checkpoint, copy)
+    copy.with_name("published.pt.sha256").write_text(f"{in_run['sha256']}  published.pt\n", encoding="utf-8")
+    ckpt = load_checkpoint(copy)
+    info = describe_source_checkpoint(ckpt)
+    assert info["run_summary"]["step"] == ckpt.metadata["step"]
+    assert info["run_summary"]["wall_time_s"] == ckpt.metadata["compute"]["wall_time_s"] is not None
+    assert "best_step" in in_run["run_summary"]  # inside the run folder: its summary.json
+
+
 def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
     cfg = _tiny(steps=2, val_every=2, checkpoint_every=2)
     Trainer(cfg, tmp_path, device="cpu", log_stream=None).fit()

@@ -352,6 +352,8 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
         src = src.get("initialised_from")
     for i, st in enumerate(reversed(stages), start=1):
         stc, sd, sr = st.get("train_config") or {}, st.get("training_data") or {}, st.get("run_summary") or {}
+        if sr.get("wall_time_s") is None:  # a stage started from a copy outside its run folder: use its own metadata
+            sr = {**sr, "wall_time_s": (st.get("compute") or {}).get("wall_time_s")}
         L.append(f"- Stage {i} (`{stc.get('name')}`, checkpoint SHA-256 `{str(st.get('sha256'))[:12]}…` at step {st.get('step')}): "
                  f"AdamW, lr {stc.get('lr')} → {stc.get('lr_min')} cosine ({stc.get('warmup_steps')} warm-up steps), batch "
                  f"{stc.get('batch_size')}, {sr.get('step', st.get('step'))} of {stc.get('steps')} steps in "
