@@ -162,19 +162,21 @@ def test_provenance_of_a_checkpoint_copied_out_of_its_run_folder(tiny_run, tmp_p
     """A published copy has no summary.json beside it: its own step and wall time stand in (model card stages)."""
     import shutil
 
+    from unifuse.train.evaluate import stage_wall_time_s
     from unifuse.train.trainer import describe_source_checkpoint
     from unifuse.weights import load_checkpoint
 
     _, result, _ = tiny_run
     in_run = describe_source_checkpoint(load_checkpoint(result.best_checkpoint))
+    assert "best_step" in in_run["run_summary"]  # inside the run folder: its summary.json
+    assert stage_wall_time_s(in_run) == in_run["run_summary"]["wall_time_s"]
     copy = tmp_path / "published.pt"
     shutil.copyfile(result.best_checkpoint, copy)
     copy.with_name("published.pt.sha256").write_text(f"{in_run['sha256']}  published.pt\n", encoding="utf-8")
     ckpt = load_checkpoint(copy)
     info = describe_source_checkpoint(ckpt)
-    assert info["run_summary"]["step"] == ckpt.metadata["step"]
-    assert info["run_summary"]["wall_time_s"] == ckpt.metadata["compute"]["wall_time_s"] is not None
-    assert "best_step" in in_run["run_summary"]  # inside the run folder: its summary.json
+    assert "run_summary" not in info and info["step"] == ckpt.metadata["step"]
+    assert stage_wall_time_s(info) == ckpt.metadata["compute"]["wall_time_s"] is not None
 
 
 def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):

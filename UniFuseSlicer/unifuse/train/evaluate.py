@@ -326,6 +326,14 @@ def _fmt_gap(x: float) -> str:
     return f"{x:.2g}"
 
 
+def stage_wall_time_s(stage: Dict[str, Any]) -> Optional[float]:
+    """Training wall time (s) of an earlier stage recorded by ``trainer.describe_source_checkpoint``: its run
+    folder's ``summary.json`` (whole run, resumes included) or, for a checkpoint started from outside its run
+    folder (e.g. the published ``unifuse_default.pt``), the wall time stored in the checkpoint itself."""
+    summary = (stage.get("run_summary") or {}).get("wall_time_s")
+    return summary if summary is not None else (stage.get("compute") or {}).get("wall_time_s")
+
+
 def _model_card_markdown(card: Dict[str, Any]) -> str:
     ev = card["evaluation"]
     ck = ev["checkpoint"]
@@ -352,12 +360,10 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
         src = src.get("initialised_from")
     for i, st in enumerate(reversed(stages), start=1):
         stc, sd, sr = st.get("train_config") or {}, st.get("training_data") or {}, st.get("run_summary") or {}
-        if sr.get("wall_time_s") is None:  # a stage started from a copy outside its run folder: use its own metadata
-            sr = {**sr, "wall_time_s": (st.get("compute") or {}).get("wall_time_s")}
         L.append(f"- Stage {i} (`{stc.get('name')}`, checkpoint SHA-256 `{str(st.get('sha256'))[:12]}…` at step {st.get('step')}): "
                  f"AdamW, lr {stc.get('lr')} → {stc.get('lr_min')} cosine ({stc.get('warmup_steps')} warm-up steps), batch "
                  f"{stc.get('batch_size')}, {sr.get('step', st.get('step'))} of {stc.get('steps')} steps in "
-                 f"{_fmt((sr.get('wall_time_s') or 0) / 60, 1)} min, {sd.get('train', {}).get('cases')} training cases "
+                 f"{_fmt((stage_wall_time_s(st) or 0) / 60, 1)} min, {sd.get('train', {}).get('cases')} training cases "
                  f"(seed {sd.get('train', {}).get('seed')}), init `{stc.get('init')}`, loss weights "
                  f"{json.dumps(stc.get('loss_weights') or 'defaults')}, teacher-forced degradation "
                  f"{stc.get('true_degradation_in_training')}.")

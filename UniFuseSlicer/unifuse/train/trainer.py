@@ -123,10 +123,7 @@ def cpu_model_name() -> str:
 
 def describe_source_checkpoint(ckpt: Any) -> Dict[str, Any]:
     """Provenance of a checkpoint a run started from (fine-tuning): path, SHA-256, its step, training config
-    and compute, and its run folder's ``summary.json`` when present (plain data for checkpoint metadata).
-
-    A checkpoint outside its run folder (e.g. the published ``unifuse_default.pt``) has no ``summary.json``
-    beside it; its own step and training wall time at export then stand in for the run summary."""
+    and compute, and its run folder's ``summary.json`` when present (plain data for checkpoint metadata)."""
     meta = ckpt.metadata
     info: Dict[str, Any] = {
         "path": str(ckpt.path),
@@ -138,8 +135,6 @@ def describe_source_checkpoint(ckpt: Any) -> Dict[str, Any]:
     }
     if ckpt.path is not None and (Path(ckpt.path).parent / "summary.json").is_file():
         info["run_summary"] = json.loads((Path(ckpt.path).parent / "summary.json").read_text(encoding="utf-8"))
-    else:
-        info["run_summary"] = {"step": meta.get("step"), "wall_time_s": (meta.get("compute") or {}).get("wall_time_s")}
     if meta.get("initialised_from"):
         info["initialised_from"] = meta["initialised_from"]
     return info
