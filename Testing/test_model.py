@@ -275,7 +275,7 @@ def test_dapl_states_are_restored_to_raster_token_order():
     reference, moving = pair(16, 2)
     with torch.no_grad():
         feat_mov, feat_ref = model.encoder(moving), model.encoder(reference)
-        out = model.dapl(feat_mov, feat_ref)
+        out = model.dapl(feat_mov, feat_ref, moving=moving)
         tokens, _ = model.dapl.patch(model.dapl.fuse(torch.cat([feat_mov, feat_ref], dim=1)))
         f_for = model.dapl.state_norm(model.dapl.mamba1(tokens))
     for h in out.states:

@@ -50,6 +50,9 @@ class ModelConfig:
         fa_skips: feed the shared encoder's full-resolution features into FA after each upsampling and
             correlate at the head (``unifuse.model.alignment``). False reproduces networks (and reads
             checkpoints) made before the option existed: the field is then read from the token maps alone.
+        degradation_stats: add class logits computed from second-order statistics of the moving volume to the
+            DAPL classifier (:mod:`unifuse.model.degradation_stats`). False reproduces networks (and reads
+            checkpoints) made before the option existed.
     """
 
     name: str = "default"
@@ -70,6 +73,7 @@ class ModelConfig:
     corr_radius: int = 2
     integration_steps: int = 4
     fa_skips: bool = False
+    degradation_stats: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -114,12 +118,13 @@ def tiny() -> ModelConfig:
         unet_channels=(8, 16),
         lora_rank=2,
         fa_skips=True,
+        degradation_stats=True,
     )
 
 
 def default() -> ModelConfig:
     """The default architecture at a 64³ working grid (the shipped weights use it at 32³: :func:`cpu`)."""
-    return ModelConfig(fa_skips=True)
+    return ModelConfig(fa_skips=True, degradation_stats=True)
 
 
 def paper() -> ModelConfig:
@@ -136,6 +141,7 @@ def paper() -> ModelConfig:
         unet_channels=(32, 64, 128, 256),
         lora_rank=8,
         fa_skips=True,
+        degradation_stats=True,
     )
 
 
@@ -166,6 +172,7 @@ def cpu() -> ModelConfig:
         corr_radius=2,
         integration_steps=4,
         fa_skips=True,
+        degradation_stats=True,
     )
 
 

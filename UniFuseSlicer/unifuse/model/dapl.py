@@ -8,6 +8,7 @@ L prompts per class)::
     F_for, F_bac = reversed, F_bid = [f^1..f^{⌊N/2⌋-1}, f^N, ..., f^{⌊N/2⌋}] --Mamba 2 (shared)--> h1, h2, h3
     (each put back into raster token order, so h_j[:, i] belongs to patch i)
     classifier: token-wise MLP on each h_j, mean over tokens, concat -> Linear -> head -> logits, p = softmax
+                (with ``degradation_stats``: + DegradationStatistics(I'_D) logits, see degradation_stats.py)
     selection:  G = sigmoid(MLP_2(AttnPool_L(MLP_1(concat(h1, h2, h3)))))  (B, Ñ, L, M)
     prompt:     P̂ = P ⊙ G, learned prompt set P (Ñ, L, M)
 """
@@ -15,11 +16,12 @@ L prompts per class)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from .degradation_stats import DegradationStatistics
 from .layers import MLP, Grid, PatchEmbed3d
 from .mamba import MambaBlock
 
@@ -100,6 +102,8 @@ class DAPL(nn.Module):
         d_state, expand, d_conv: Mamba block sizes.
         num_classes: Ñ.
         prompt_len: L.
+        degradation_stats: add :class:`~unifuse.model.degradation_stats.DegradationStatistics` logits of the
+            moving volume to the classifier's (module ``stats``; ``forward`` then needs ``moving``).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class DAPL(nn.Module):
         d_conv: int,
         num_classes: int,
         prompt_len: int,
+        degradation_stats: bool = False,
     ) -> None:
         super().__init__()
         m = embed_dim
@@ -127,6 +132,7 @@ class DAPL(nn.Module):
         self.cls_mlp = MLP(m, m, m)
         self.cls_linear = nn.Sequential(nn.Linear(3 * m, m), nn.GELU())
         self.cls_head = nn.Linear(m, num_classes)
+        self.stats = DegradationStatistics(num_classes, m) if degradation_stats else None
         # prompt selection: two MLPs around an attention pooling to L rows
         self.sel_mlp1 = MLP(3 * m, m, m)
         self.sel_pool = AttentionPool(prompt_len, m)
@@ -139,8 +145,13 @@ class DAPL(nn.Module):
         forward = torch.arange(n)
         return forward, forward.flip(0), bidirectional_order(n)
 
-    def forward(self, feat_mov: torch.Tensor, feat_ref: torch.Tensor) -> DAPLOutput:
-        """Run DAPL on the encoder features F'_D (moving, degraded) and F_R (reference), both (B, C, D, H, W)."""
+    def forward(
+        self, feat_mov: torch.Tensor, feat_ref: torch.Tensor, moving: Optional[torch.Tensor] = None
+    ) -> DAPLOutput:
+        """Run DAPL on the encoder features F'_D (moving, degraded) and F_R (reference), both (B, C, D, H, W).
+
+        ``moving`` is the (B, 1, D, H, W) volume I'_D itself, needed (and only used) with ``degradation_stats``.
+        """
         x = self.fuse(torch.cat([feat_mov, feat_ref], dim=1))
         tokens, grid = self.patch(x)
         f_for = self.mamba1(tokens)
@@ -156,6 +167,10 @@ class DAPL(nn.Module):
 
         pooled = [self.cls_mlp(h).mean(dim=1) for h in states]
         logits = self.cls_head(self.cls_linear(torch.cat(pooled, dim=-1)))
+        if self.stats is not None:
+            if moving is None:
+                raise ValueError("this DAPL has degradation_stats: pass the moving volume (B, 1, D, H, W) as `moving`")
+            logits = logits + self.stats(moving)
         probs = torch.softmax(logits, dim=-1)
 
         rows = self.sel_pool(self.sel_mlp1(torch.cat(states, dim=-1)))  # (B, L, M)

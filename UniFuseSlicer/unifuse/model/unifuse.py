@@ -85,7 +85,7 @@ class UniFuse(nn.Module):
         c, m = cfg.enc_channels, cfg.embed_dim
         self.encoder = SharedEncoder(c)
         self.dapl = DAPL(c, cfg.patch_size, m, cfg.d_state, cfg.expand, cfg.d_conv, cfg.num_degradations,
-                         cfg.prompt_len)
+                         cfg.prompt_len, degradation_stats=cfg.degradation_stats)
         self.oufr = OUFR(c, cfg.patch_size, m, cfg.d_state, cfg.expand, cfg.d_conv)
         self.fa = FeatureAlignment(m, cfg.patch_size, cfg.num_regblks, cfg.fa_stride, cfg.corr_radius,
                                    cfg.num_degradations, cfg.prompt_len, cfg.max_displacement,
@@ -185,7 +185,7 @@ class UniFuse(nn.Module):
         feat_a = self.encoder(a)
         feat_b = self.encoder(b)
         if hs is None:
-            hs = self.dapl(feat_a, feat_b).states
+            hs = self.dapl(feat_a, feat_b, moving=a).states
         tokens_a, tokens_b, _ = self.oufr(feat_a, feat_b, hs)
         return tokens_a, tokens_b
 
@@ -209,7 +209,7 @@ class UniFuse(nn.Module):
         grid = self.check_volumes(reference, moving)
         both = self.encoder(torch.cat([moving, reference], dim=0))
         feat_mov, feat_ref = both.chunk(2, dim=0)
-        dapl: DAPLOutput = self.dapl(feat_mov, feat_ref)
+        dapl: DAPLOutput = self.dapl(feat_mov, feat_ref, moving=moving)
         p = self.resolve_degradation(degradation, dapl.probs)
         tokens_mov, tokens_ref, token_grid = self.oufr(feat_mov, feat_ref, dapl.states)
         u = self.fa(tokens_mov, tokens_ref, token_grid, grid, dapl.prompt, p, skip_mov=feat_mov, skip_ref=feat_ref)
