@@ -138,6 +138,23 @@ def test_loss_rf_of_max_fusion_has_zero_intensity_term():
     )
 
 
+def test_loss_rf_mean_intensity_target_is_zero_for_average_fusion():
+    a = rand_volume(seed=6)
+    r = rand_volume(seed=7)
+    mean = losses.loss_rf_terms(0.5 * (a + r), a, r, inten_target="mean")
+    assert float(mean["inten"]) == pytest.approx(0.0, abs=1e-7)
+    paper = losses.loss_rf_terms(0.5 * (a + r), a, r)  # the paper's max target: |avg − max| = |a − r| / 2
+    assert float(paper["inten"]) == pytest.approx(float(torch.mean(torch.abs(a - r))) / 2, rel=1e-5)
+    assert float(mean["ssim"]) == float(paper["ssim"]) and float(mean["grad"]) == float(paper["grad"])
+    with pytest.raises(ValueError, match="inten_target"):
+        losses.loss_rf_terms(a, a, r, inten_target="median")
+    with pytest.raises(ValueError, match="inten_target"):
+        losses.LossWeights(inten_target="min")
+    fn = losses.UniFuseLoss(losses.LossWeights(ce=0, moda=0, reg=0, smooth=0, inten_target="mean"))
+    _, parts = fn(fused=0.5 * (a + r), aligned_fine=a, reference=r)
+    assert parts["rf_inten"] == pytest.approx(0.0, abs=1e-7)
+
+
 def test_loss_rf_gradient_term_uses_magnitudes():
     # F = -A has |∇F| = |∇A|; with R constant the gradient term is zero although ∇F = -∇A
     a = rand_volume(seed=8)

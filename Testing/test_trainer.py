@@ -227,10 +227,41 @@ def test_named_configs_are_valid_and_json_configs_override_a_base(tmp_path):
     assert (cfg.steps, cfg.lr, cfg.model, cfg.name) == (7, 5e-4, "tiny", "mine")
 
 
+def test_a_network_without_degradation_statistics_grows_the_branch(tmp_path):
+    from unifuse.model import build_model
+    from unifuse.weights import save_checkpoint
+
+    old_cfg = _tiny().model_config().replace(degradation_stats=False)
+    torch.manual_seed(0)
+    old = build_model(old_cfg).eval()
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, old_cfg, old.state_dict())
+    grown = Trainer(_tiny(init_from=str(path)), tmp_path / "run", device="cpu", log_stream=None).model.eval()
+    assert bool(grown.dapl.stats.calibrated) and float(grown.dapl.stats.std.min()) > 0
+    reference, moving = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        before, after = old(reference, moving), grown(reference, moving)
+    assert torch.allclose(before.logits, after.logits)  # the new branch starts neutral
+    assert torch.allclose(before.fused, after.fused) and torch.allclose(before.displacement, after.displacement)
+    with pytest.raises(UniFuseError, match="same network config"):
+        Trainer(_tiny(init_from=str(path), working_size=32), tmp_path / "other", device="cpu", log_stream=None)
+
+
+def test_lr_multipliers_scale_the_named_parameters_and_reject_typos(tmp_path):
+    trainer = Trainer(_tiny(lr_multipliers={"dapl.stats.": 10.0}), tmp_path / "a", device="cpu", log_stream=None)
+    base, stats = trainer.optimizer.param_groups
+    assert stats["lr"] == pytest.approx(10.0 * base["lr"])
+    branch = {id(p) for p in trainer.model.dapl.stats.parameters()}
+    assert {id(p) for p in stats["params"]} == branch and not branch & {id(p) for p in base["params"]}
+    with pytest.raises(UniFuseError, match="match no parameter"):
+        Trainer(_tiny(lr_multipliers={"dapl.stat_head.": 10.0}), tmp_path / "b", device="cpu", log_stream=None)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         ({"steps": 0}, "steps"),
+        ({"lr_multipliers": {"dapl.stats.": 0}}, "lr_multipliers"),
         ({"lr_min": 1.0}, "lr_min"),
         ({"amp": "fp8"}, "amp"),
         ({"val_seed": 1, "train_seed": 1}, "val_seed"),
@@ -279,6 +310,10 @@ def test_evaluation_reports_model_and_baselines_and_the_card(tiny_run, tmp_path)
     assert card["evaluation"]["checkpoint"]["sha256"] == report["checkpoint"]["sha256"]
     md = md_path.read_text(encoding="utf-8")
     assert "Not for clinical use" in md and f"{report['fusion']['unifuse']['q_ssim']['mean']:.4f}" in md
+    assert f"{sum(p.numel() for p in tiny_run[0].model.parameters()):,} parameters" in md  # learned weights only
+    assert "mean of the two sources" not in md  # the tiny run keeps the paper's max target
+    report["checkpoint"]["training"]["train_config"]["loss_weights"] = {"inten_target": "mean"}
+    assert "mean of the two sources" in write_model_card(report, tmp_path / "mean")[1].read_text(encoding="utf-8")
 
 
 def test_check_targets_decides_honestly():

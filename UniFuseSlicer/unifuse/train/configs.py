@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -41,6 +42,7 @@ __all__ = [
     "tiny",
     "cpu",
     "cpu_finetune",
+    "cpu_stats",
     "gpu",
     "get_train_config",
     "load_train_config",
@@ -63,6 +65,9 @@ class TrainConfig:
         steps: total optimisation steps; the cosine schedule reaches ``lr_min`` at this step.
         lr: peak learning rate of AdamW.
         lr_min: final learning rate of the cosine schedule.
+        lr_multipliers: ``{parameter-name prefix: factor}``: parameters whose name (``model.named_parameters()``)
+            starts with a prefix train at ``factor`` × the scheduled learning rate (the longest matching prefix
+            wins), e.g. ``{"dapl.stats.": 20}`` for a branch added to a trained network. Empty = one rate.
         warmup_steps: linear warm-up from ``lr / 10`` to ``lr`` before the cosine decay (0 = none).
         weight_decay: AdamW decoupled weight decay.
         betas: AdamW betas.
@@ -102,6 +107,7 @@ class TrainConfig:
     steps: int = 1000
     lr: float = 1e-4
     lr_min: float = 1e-6
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     betas: tuple = (0.9, 0.999)
@@ -135,6 +141,11 @@ class TrainConfig:
             problems.append(f"warmup_steps must be in [0, steps) (got {self.warmup_steps} with steps={self.steps})")
         if not (0 < self.lr_min <= self.lr):
             problems.append(f"need 0 < lr_min <= lr (got lr={self.lr}, lr_min={self.lr_min})")
+        for prefix, factor in dict(self.lr_multipliers).items():
+            if not isinstance(prefix, str) or not prefix:
+                problems.append(f"lr_multipliers keys must be non-empty parameter-name prefixes (got {prefix!r})")
+            if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+                problems.append(f"lr_multipliers[{prefix!r}] must be a finite number > 0 (got {factor!r})")
         if self.grad_clip <= 0:
             problems.append(f"grad_clip must be > 0 (got {self.grad_clip})")
         if self.init not in INIT_CHOICES:
@@ -253,6 +264,27 @@ def cpu_finetune() -> TrainConfig:
     )
 
 
+def cpu_stats() -> TrainConfig:
+    """Stage 3 of the shipped weights: add the degradation-statistics branch to stage-2 weights and fine-tune.
+
+    ``unifuse train --config cpu_stats --init-from <stage-2 weights> --out runs/stats`` (the stage-2 network
+    has no ``degradation_stats``; the trainer grows the branch, calibrates its standardisation on the first
+    64 training cases and trains it at 30× the rate). 1500 steps at 1.5e-4 → 1e-6 on 3000 cases of
+    ``train_seed`` 3 (new to stages 1–2), about 23 minutes on one CPU thread. L_inten targets the mean of the
+    two sources instead of the paper's max (``LossWeights.inten_target``; why: ``docs/training.md``).
+    """
+    return cpu().replace(
+        name="cpu_stats",
+        steps=1500,
+        lr=1.5e-4,
+        warmup_steps=0,
+        train_seed=3,
+        train_samples=3000,
+        lr_multipliers={"dapl.stats.": 30.0},
+        loss_weights={"reg": 10.0, "inten_target": "mean"},
+    )
+
+
 def gpu() -> TrainConfig:
     """Paper-like setting for one CUDA GPU: ``default`` network at 64³, batch 3, lr 1e-4 → 1e-6, AMP."""
     return TrainConfig(
@@ -275,7 +307,9 @@ def gpu() -> TrainConfig:
     )
 
 
-TRAIN_CONFIGS: Dict[str, Callable[[], TrainConfig]] = {"tiny": tiny, "cpu": cpu, "cpu_finetune": cpu_finetune, "gpu": gpu}
+TRAIN_CONFIGS: Dict[str, Callable[[], TrainConfig]] = {
+    "tiny": tiny, "cpu": cpu, "cpu_finetune": cpu_finetune, "cpu_stats": cpu_stats, "gpu": gpu,
+}
 
 
 def load_train_config(path: Union[str, Path]) -> TrainConfig:

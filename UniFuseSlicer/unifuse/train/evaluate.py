@@ -270,7 +270,7 @@ def evaluate_checkpoint(
         "model_id": ckpt.model_id,
         "sha256": ckpt.sha256,
         "config": ckpt.config.to_dict(),
-        "parameters": int(sum(v.numel() for v in ckpt.state_dict.values() if v.is_floating_point())),
+        "parameters": int(sum(p.numel() for p in model.parameters())),  # learned weights, not buffers
         "training": {k: v for k, v in ckpt.metadata.items() if k not in ("validation",)},
         "validation_at_export": ckpt.metadata.get("validation"),
     }
@@ -350,7 +350,8 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
     L.append(f"UniFuse 3D network (`{cfg['name']}` config): {ck['parameters']:,} parameters, working grid "
              f"{cfg['working_size']}³, encoder C={cfg['enc_channels']}, patch Q={cfg['patch_size']}, tokens M={cfg['embed_dim']}, "
              f"SSM state {cfg['d_state']}, J={cfg['num_regblks']} RegBLKs, U-Net widths {cfg['unet_channels']}, "
-             f"LoRA rank {cfg['lora_rank']}, Ñ={cfg['num_degradations']} degradation classes "
+             f"LoRA rank {cfg['lora_rank']}, FA encoder skips {'on' if cfg.get('fa_skips') else 'off'}, degradation-statistics "
+             f"branch {'on' if cfg.get('degradation_stats') else 'off'}, Ñ={cfg['num_degradations']} degradation classes "
              f"({', '.join(f'{c} = {DEGRADATION_LABELS[c]}' for c in DEGRADATION_CLASSES)}).\n")
     L.append("## Training\n")
     stages = []
@@ -364,7 +365,8 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
                  f"AdamW, lr {stc.get('lr')} → {stc.get('lr_min')} cosine ({stc.get('warmup_steps')} warm-up steps), batch "
                  f"{stc.get('batch_size')}, {sr.get('step', st.get('step'))} of {stc.get('steps')} steps in "
                  f"{_fmt((stage_wall_time_s(st) or 0) / 60, 1)} min, {sd.get('train', {}).get('cases')} training cases "
-                 f"(seed {sd.get('train', {}).get('seed')}), init `{stc.get('init')}`, loss weights "
+                 f"(seed {sd.get('train', {}).get('seed')}), "
+                 f"{f'started from stage {i - 1}' if stc.get('init_from') and i > 1 else 'init `' + str(stc.get('init')) + '`'}, loss weights "
                  f"{json.dumps(stc.get('loss_weights') or 'defaults')}, teacher-forced degradation "
                  f"{stc.get('true_degradation_in_training')}.")
     if stages:
@@ -374,6 +376,7 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
              f"(seed {td.get('train', {}).get('seed')}), {td.get('validation', {}).get('cases')} validation cases "
              f"(seed {td.get('validation', {}).get('seed')}) at {cfg['working_size']}³; options {json.dumps(td.get('options', {}))}.")
     L.append(f"- Optimisation: AdamW, lr {tc.get('lr')} → {tc.get('lr_min')} cosine ({tc.get('warmup_steps')} warm-up steps), "
+             f"{'lr multiplied by ' + json.dumps(tc['lr_multipliers']) + ' for parameters with those name prefixes, ' if tc.get('lr_multipliers') else ''}"
              f"weight decay {tc.get('weight_decay')}, gradient clipping at L2 norm {tc.get('grad_clip')}, batch {tc.get('batch_size')}, "
              f"{tr.get('step')} of {tc.get('steps')} steps (checkpoint `{tr.get('checkpoint')}`, selected by {tr.get('best_by', 'last step')}); "
              f"loss weights {json.dumps(tc.get('loss_weights') or 'defaults of LossWeights')}; "
@@ -459,6 +462,19 @@ LIMITATIONS = (
 )
 
 
+def training_limitations(report: Dict[str, Any]) -> List[str]:
+    """Limitations that follow from how the evaluated checkpoint was trained (read from its metadata)."""
+    train_cfg = (report.get("checkpoint", {}).get("training") or {}).get("train_config") or {}
+    items = []
+    if (train_cfg.get("loss_weights") or {}).get("inten_target") == "mean":
+        items.append(
+            "The fused volume was trained towards the mean of the two sources (L_inten's target), not the paper's "
+            "voxel-wise maximum: it scores higher on Q_psnr but carries less of each source's own contrast (lower "
+            "Q_scd) than a max-target network; see docs/training.md."
+        )
+    return items
+
+
 def write_model_card(report: Dict[str, Any], out_dir: Union[str, Path]) -> Tuple[Path, Path]:
     """Write ``model_card.json`` (the full evaluation report + limitations) and ``MODEL_CARD.md`` to ``out_dir``.
 
@@ -471,7 +487,7 @@ def write_model_card(report: Dict[str, Any], out_dir: Union[str, Path]) -> Tuple
         "unifuse_version": __version__,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "intended_use": "research on joint alignment, restoration and fusion of multi-modal brain volumes; not clinical use",
-        "limitations": list(LIMITATIONS),
+        "limitations": list(LIMITATIONS) + training_limitations(report),
         "evaluation": report,
     }
     json_path = out / "model_card.json"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ __all__ = [
     "loss_moda",
     "loss_reg",
     "loss_smooth",
+    "INTENSITY_TARGETS",
     "loss_rf_terms",
     "loss_rf",
     "LossWeights",
@@ -250,11 +251,15 @@ def loss_smooth(u: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- L_rf
+INTENSITY_TARGETS = ("max", "mean")
+
+
 def loss_rf_terms(
     fused: torch.Tensor,
     aligned_fine: torch.Tensor,
     reference: torch.Tensor,
     data_range: float = 1.0,
+    inten_target: str = "max",
 ) -> Dict[str, torch.Tensor]:
     """The three terms of the restoration-and-fusion loss, eqs. (11)–(12), as scalar tensors.
 
@@ -263,6 +268,9 @@ def loss_rf_terms(
 
     * ``ssim``  = (1 − SSIM(F, A)) + (1 − SSIM(F, R))                      (eq. 11, as a decreasing loss)
     * ``inten`` = mean |F − max(A, R)|                                       (eq. 12, L1 as a mean)
+      or, with ``inten_target="mean"``, mean |F − (A + R) / 2| (our option, not the paper's: see
+      ``docs/training.md`` — every minimiser of the max-target loss has a lower Q_psnr than plain
+      averaging, which minimises the squared error to both sources)
     * ``grad``  = mean over voxels and k ∈ {x, y, z} of | |∂_k F| − max(|∂_k A|, |∂_k R|) |   (eq. 12)
 
     The CrCb colour term of eq. (13) is not applicable to scalar 3D volumes and is omitted.
@@ -272,8 +280,11 @@ def loss_rf_terms(
     """
     _check_pair(fused, aligned_fine, ("fused", "aligned_fine"))
     _check_pair(fused, reference, ("fused", "reference"))
+    if inten_target not in INTENSITY_TARGETS:
+        raise ValueError(f"inten_target must be one of {INTENSITY_TARGETS}; got {inten_target!r}")
+    target = torch.maximum(aligned_fine, reference) if inten_target == "max" else 0.5 * (aligned_fine + reference)
     ssim_term = ssim_loss(fused, aligned_fine, data_range) + ssim_loss(fused, reference, data_range)
-    inten = torch.mean(torch.abs(fused - torch.maximum(aligned_fine, reference)))
+    inten = torch.mean(torch.abs(fused - target))
     grad_target = torch.maximum(gradient3d(aligned_fine).abs(), gradient3d(reference).abs())
     grad = torch.mean(torch.abs(gradient3d(fused).abs() - grad_target))
     return {"ssim": ssim_term, "inten": inten, "grad": grad}
@@ -302,6 +313,8 @@ class LossWeights:
             field free of folding where L_reg alone does not).
         tau: InfoNCE temperature of L_moda.
         num_negatives: K negatives per anchor in L_moda.
+        inten_target: target of L_inten: ``"max"`` (the paper's eq. 12, max(A, R)) or ``"mean"`` ((A + R) / 2;
+            see :func:`loss_rf_terms`).
     """
 
     ce: float = 1.0
@@ -311,6 +324,7 @@ class LossWeights:
     smooth: float = 0.1
     tau: float = 0.1
     num_negatives: int = 32
+    inten_target: str = "max"
 
     def __post_init__(self) -> None:
         for name in ("ce", "moda", "reg", "rf", "smooth"):
@@ -321,8 +335,10 @@ class LossWeights:
             raise ValueError(f"tau must be positive; got {self.tau}")
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives must be at least 1; got {self.num_negatives}")
+        if self.inten_target not in INTENSITY_TARGETS:
+            raise ValueError(f"inten_target must be one of {INTENSITY_TARGETS}; got {self.inten_target!r}")
 
-    def to_dict(self) -> Dict[str, float]:
+    def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
@@ -396,7 +412,7 @@ class UniFuseLoss(torch.nn.Module):
             weighted.append(w.smooth * terms["smooth"])
         if w.rf > 0:
             need("rf", fused=fused, aligned_fine=aligned_fine, reference=reference)
-            rf_terms = loss_rf_terms(fused, aligned_fine, reference)
+            rf_terms = loss_rf_terms(fused, aligned_fine, reference, inten_target=w.inten_target)
             terms["rf"] = rf_terms["ssim"] + rf_terms["inten"] + rf_terms["grad"]
             for key, value in rf_terms.items():
                 terms[f"rf_{key}"] = value

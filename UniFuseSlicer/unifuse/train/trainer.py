@@ -72,9 +72,15 @@ __all__ = [
     "cosine_lr_factor",
     "describe_source_checkpoint",
     "he_conv_init",
+    "parameter_groups",
     "cpu_model_name",
     "make_dataset",
 ]
+
+#: Parameter-name prefix of the degradation-statistics branch (``ModelConfig.degradation_stats``).
+DEGRADATION_STATS_PREFIX = "dapl.stats."
+#: Training cases whose moving volumes standardise a new degradation-statistics branch.
+CALIBRATION_CASES = 64
 
 #: Loss components logged every step (unweighted, as returned by :class:`UniFuseLoss`; ``total`` is weighted).
 LOSS_COMPONENTS = ("total", "ce", "moda", "reg", "smooth", "rf", "rf_ssim", "rf_inten", "rf_grad")
@@ -138,6 +144,29 @@ def describe_source_checkpoint(ckpt: Any) -> Dict[str, Any]:
     if meta.get("initialised_from"):
         info["initialised_from"] = meta["initialised_from"]
     return info
+
+
+def parameter_groups(
+    model: torch.nn.Module, lr: float, multipliers: Dict[str, float]
+) -> List[Dict[str, Any]]:
+    """AdamW parameter groups: the first holds every parameter at ``lr``; one group per prefix of ``multipliers``
+    holds the parameters whose name starts with it (longest prefix wins) at ``factor × lr``.
+
+    Raises UniFuseError for a prefix that names no parameter (a typo would silently train at the base rate).
+    """
+    prefixes = sorted(multipliers, key=len, reverse=True)
+    groups: Dict[str, List[torch.nn.Parameter]] = {p: [] for p in prefixes}
+    base: List[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        match = next((p for p in prefixes if name.startswith(p)), None)
+        (groups[match] if match is not None else base).append(param)
+    unused = [p for p in prefixes if not groups[p]]
+    if unused:
+        raise UniFuseError(f"lr_multipliers prefixes {unused} match no parameter of the network; check the names "
+                           f"(e.g. 'dapl.stats.')")
+    out: List[Dict[str, Any]] = [{"params": base, "lr": lr}]
+    out += [{"params": groups[p], "lr": lr * float(multipliers[p])} for p in prefixes]
+    return out
 
 
 def he_conv_init(model: torch.nn.Module) -> int:
@@ -390,7 +419,8 @@ class Trainer:
         self.model.to(self.device)
         self.loss_fn = UniFuseLoss(LossWeights(**config.loss_weights))
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+            parameter_groups(self.model, config.lr, config.lr_multipliers),
+            lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -418,23 +448,48 @@ class Trainer:
         _atomic_write_text(self.out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
         self.train_set = make_dataset("train", config.train_samples, config.grid, config.train_seed, config.data_options)
+        if not resume:
+            self._calibrate_degradation_statistics()
         if config.cache_train and config.num_workers == 0:
             self.train_set = CachedDataset(self.train_set)
         self.val_batches = self._build_val_batches()
 
     # ------------------------------------------------------------------------------------------ setup
     def _load_initial_weights(self, path: Path) -> None:
-        """Start from a trained checkpoint (fine-tuning); its network config must equal this run's."""
+        """Start from a trained checkpoint (fine-tuning).
+
+        Its network config must equal this run's, except that a network without ``degradation_stats`` may
+        start a run with it: every trained weight is loaded and the new branch starts as built (its last
+        layer is zero, so the network's outputs are unchanged until it trains).
+        """
         from ..weights import load_checkpoint
 
         ckpt = load_checkpoint(path)
-        if ckpt.config != self.model_config:
+        grown = self.model_config.degradation_stats and not ckpt.config.degradation_stats
+        source = ckpt.config.replace(degradation_stats=True) if grown else ckpt.config
+        if source != self.model_config:
             raise UniFuseError(
                 f"init_from {path} holds a {ckpt.config.name!r} network ({ckpt.config.to_dict()}) but this run trains "
                 f"{self.model_config.to_dict()}; fine-tune with the same network config"
             )
-        self.model.load_state_dict(ckpt.state_dict, strict=True)
+        result = self.model.load_state_dict(ckpt.state_dict, strict=not grown)
+        if grown:
+            new = [k for k in result.missing_keys if not k.startswith(DEGRADATION_STATS_PREFIX)]
+            if new or result.unexpected_keys:
+                raise UniFuseError(
+                    f"init_from {path} does not fit this network: missing {new}, unexpected {result.unexpected_keys}"
+                )
+            self._say(f"init_from {path.name}: added the degradation-statistics branch ({DEGRADATION_STATS_PREFIX}*)")
         self.init_info = describe_source_checkpoint(ckpt)
+
+    def _calibrate_degradation_statistics(self) -> None:
+        """Standardise the degradation-statistics branch on the first training cases (if it is not already)."""
+        stats = getattr(self.model.dapl, "stats", None)
+        if stats is None or bool(stats.calibrated):
+            return
+        count = min(CALIBRATION_CASES, len(self.train_set))
+        used = stats.calibrate(self.train_set[i]["moving"][None].to(self.device) for i in range(count))
+        self._say(f"calibrated the degradation statistics on the first {used} training cases")
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if self.device.type != "cuda" or self.config.amp == "off":
