@@ -38,6 +38,7 @@ __all__ = [
     "validate_volume",
     "write_image",
     "write_json",
+    "atomic_write",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -400,8 +401,16 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_write(path: PathLike, overwrite: bool, suffix: str, write: Callable[[Path], None]) -> Path:
-    """Write via a temporary sibling file (same ``suffix``) renamed over ``path`` when complete."""
+def atomic_write(path: PathLike, overwrite: bool, suffix: str, write: Callable[[Path], None]) -> Path:
+    """Write via a temporary sibling file (same ``suffix``) renamed over ``path`` when complete.
+
+    ``write(tmp)`` fills the temporary file; it gets the permissions a plain ``open`` would give
+    (:func:`default_file_mode`) and replaces ``path`` only when ``write`` returned. On any failure the
+    temporary file is removed; an OSError or RuntimeError becomes a :class:`UniFuseError` naming the path.
+
+    Raises:
+        OutputExistsError: ``path`` is a folder, or it exists and ``overwrite`` is False.
+    """
     p = Path(os.fspath(path)).expanduser()
     _check_destination(p, overwrite)
     try:
@@ -442,7 +451,7 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
     _check_destination(p, overwrite)
     ext = _image_extension(p)
     compress = ext != ".nii"
-    return _atomic_write(p, overwrite, ext, lambda tmp: sitk.WriteImage(image, str(tmp), compress))
+    return atomic_write(p, overwrite, ext, lambda tmp: sitk.WriteImage(image, str(tmp), compress))
 
 
 def _json_default(obj: Any) -> Any:
@@ -475,4 +484,4 @@ def write_json(obj: Any, path: PathLike, overwrite: bool = False) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
 
-    return _atomic_write(path, overwrite, suffix, write)
+    return atomic_write(path, overwrite, suffix, write)

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from .config import ModelConfig
 from .errors import WeightsError
-from .io import default_file_mode
+from .io import atomic_write
 
 FORMAT = "unifuse-checkpoint"
 FORMAT_VERSION = 1
@@ -84,7 +83,6 @@ def save_checkpoint(
     from . import __version__
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -92,17 +90,8 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         "metadata": {"unifuse_version": __version__, **(metadata or {})},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, default_file_mode())
-        digest = sha256_of(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, True, path.suffix, lambda tmp: torch.save(payload, tmp))
+    digest = sha256_of(path)
     checksum_path(path).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
     return digest
 

@@ -42,7 +42,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UniFuseError
-from ..io import default_file_mode
+from ..io import atomic_write
 from ..spatial import jacobian_determinant, warp
 from ..weights import save_checkpoint
 from .configs import TrainConfig
@@ -254,24 +253,11 @@ def _aligned_label(batch: Dict[str, Any]) -> torch.Tensor:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, default_file_mode())  # mkstemp files are private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, True, path.suffix, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, default_file_mode())  # mkstemp files are private (0600)
-    os.replace(tmp, path)
+    atomic_write(path, True, path.suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _rng_state(loss_generator: torch.Generator) -> Dict[str, Any]:
@@ -448,10 +434,10 @@ class Trainer:
         _atomic_write_text(self.out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
         self.train_set = make_dataset("train", config.train_samples, config.grid, config.train_seed, config.data_options)
-        if not resume:
-            self._calibrate_degradation_statistics()
         if config.cache_train and config.num_workers == 0:
             self.train_set = CachedDataset(self.train_set)
+        if not resume:
+            self._calibrate_degradation_statistics()  # after caching: the cases it reads are then kept
         self.val_batches = self._build_val_batches()
 
     # ------------------------------------------------------------------------------------------ setup
