@@ -53,6 +53,7 @@ __all__ = [
     "q_ssim",
     "q_vif",
     "q_scd",
+    "FUSION_METRIC_KEYS",
     "fusion_metrics",
     "EndpointError",
     "endpoint_error_mm",
@@ -366,11 +367,15 @@ def q_scd(a: Any, b: Any, f: Any) -> float:
     return _pearson(a, f - b) + _pearson(b, f - a)
 
 
+#: Keys of :func:`fusion_metrics`, in the order of the paper's tables.
+FUSION_METRIC_KEYS: Tuple[str, ...] = ("q_mse", "q_cc", "q_psnr", "q_ssim", "q_vif", "q_scd")
+
+
 def fusion_metrics(a: Any, b: Any, f: Any, data_range: Number = 1.0) -> Dict[str, float]:
     """All six fusion metrics of the paper's tables for sources ``a``, ``b`` and fused ``f``.
 
     Returns:
-        ``{"q_mse", "q_cc", "q_psnr", "q_ssim", "q_vif", "q_scd"}`` as floats (see the module table).
+        :data:`FUSION_METRIC_KEYS` -> floats (see the module table).
         ``q_vif`` is ``nan`` for volumes with an edge below :func:`vif_min_size` voxels (VIF undefined there).
     """
     a, b, f = _volumes(("a", "b", "f"), (a, b, f))

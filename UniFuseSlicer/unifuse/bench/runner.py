@@ -45,6 +45,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..errors import UniFuseError
+from ..metrics import FUSION_METRIC_KEYS
 from .baselines import (FULL_SETTINGS, QUICK_SETTINGS, REGISTRATION_METHODS, RegistrationSettings,
                         normalized_for_registration, register_isolated, registration_method)
 from .cases import BENCH_FIRST_SEED, BENCH_TASKS, BenchCase, folder_cases, synthetic_cases
@@ -70,7 +71,7 @@ TRUTH = "truth"
 METHODS: Tuple[str, ...] = (UNIFUSE, *REGISTRATION_METHODS, TRUTH)
 #: Fusion rules applied after each registration baseline.
 FUSION_RULES: Tuple[str, ...] = ("average", "max", "laplacian")
-FUSION_KEYS: Tuple[str, ...] = ("q_mse", "q_cc", "q_psnr", "q_ssim", "q_vif", "q_scd")
+FUSION_KEYS: Tuple[str, ...] = FUSION_METRIC_KEYS
 ALIGNMENT_KEYS: Tuple[str, ...] = ("epe_mm", "epe_max_mm", "dice", "folding_percent", "mse", "cc", "ssim", "mind")
 #: Head mask of the endpoint error: voxels where the [0, 1]-normalised reference exceeds this (as ``unifuse demo``).
 HEAD_THRESHOLD = 0.05

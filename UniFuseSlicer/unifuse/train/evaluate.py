@@ -36,6 +36,7 @@ import torch
 from .. import __version__
 from ..config import DEGRADATION_CLASSES, DEGRADATION_LABELS
 from ..errors import UniFuseError
+from ..metrics import FUSION_METRIC_KEYS
 from ..spatial import jacobian_determinant, warp
 
 __all__ = [
@@ -56,7 +57,7 @@ HELDOUT_SEED = 7_777_777
 HELDOUT_CASES = 32
 #: Methods compared, in table order.
 METHODS = ("unifuse", "no_registration+average", "no_registration+max")
-FUSION_KEYS = ("q_mse", "q_cc", "q_psnr", "q_ssim", "q_vif", "q_scd")
+FUSION_KEYS = FUSION_METRIC_KEYS
 #: Head mask for the endpoint error: voxels where the normalised reference exceeds this.
 HEAD_THRESHOLD = 0.05
 
