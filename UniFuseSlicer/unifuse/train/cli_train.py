@@ -6,7 +6,7 @@ Hook into :mod:`unifuse.cli` with::
     handlers = {..., "train": run_train, "evaluate": run_evaluate}
 
 ``unifuse train --config CONFIG --out DIR [--resume] [--steps N] [--device auto|cpu|cuda] [--threads T] [--init-from W]``
-    CONFIG is a named training config (``tiny``, ``cpu``, ``cpu_finetune``, ``gpu``; :mod:`unifuse.train.configs`) or a JSON file
+    CONFIG is a named training config (``tiny``, ``cpu``, ``cpu_finetune``, ``cpu_stats``, ``gpu``; :mod:`unifuse.train.configs`) or a JSON file
     of TrainConfig fields. Progress goes to stderr, logs and checkpoints to DIR (see :mod:`unifuse.train.trainer`).
 
 ``unifuse evaluate --weights W [--out DIR] [--cases N] [--seed S] [--device ...] [--model-card] [--publish]``
@@ -45,7 +45,8 @@ def add_train_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (overrides the config)")
     p.add_argument("--init-from", type=Path, default=None,
-                   help="start from this trained checkpoint (fine-tuning; same network config)")
+                   help="start from this trained checkpoint (fine-tuning; same network config, or one without "
+                        "the degradation-statistics branch, which is then added)")
 
     p = subparsers.add_parser("evaluate", help="evaluate a checkpoint on the held-out synthetic set against baselines")
     p.add_argument("--weights", required=True, type=Path, help="UniFuse checkpoint (.pt with its .sha256)")

@@ -1,6 +1,6 @@
 """Training configurations of UniFuse (optimiser, schedule, data, logging), as plain dataclasses.
 
-Four named configs ship:
+Five named configs ship:
 
 ``tiny``
     The unit-test setting: the ``tiny`` network on 16³ grids, a few synthetic cases, tens of steps.
@@ -8,8 +8,11 @@ Four named configs ship:
     The setting that produced the shipped weights on a 2-core CPU in under an hour (see
     ``UniFuseSlicer/Resources/Models/MODEL_CARD.md`` for the exact run).
 ``cpu_finetune``
-    Continue training ``cpu`` weights (e.g. the shipped ones, ``--init-from``) at a lower learning rate on
-    new synthetic cases.
+    Continue training ``cpu`` weights (``--init-from``) at a lower learning rate on new synthetic cases
+    (stage 2 of the shipped weights).
+``cpu_stats``
+    Stage 3 of the shipped weights: grow the degradation-statistics branch on stage-2 weights and fine-tune,
+    with L_inten towards the mean of the sources.
 ``gpu``
     Paper-like: the ``default`` network, batch 3, lr 1e-4 → 1e-6 cosine, mixed precision, a large synthetic
     pool regenerated on the fly (the paper trains 500 epochs at 160³ on one RTX 4090; §4.2).
@@ -89,7 +92,8 @@ class TrainConfig:
             and zero biases (see ``docs/training.md`` for the measurement that motivated it); ``"pytorch"``
             keeps the modules' own initialisation.
         init_from: path of a :mod:`unifuse.weights` checkpoint to start from (fine-tuning; its network config
-            must equal this run's, and ``init`` is then not applied). None = a freshly initialised network.
+            must equal this run's, or lack only ``degradation_stats``, which the run then adds; ``init`` is
+            not applied). None = a freshly initialised network.
         true_degradation_in_training: feed the true degradation class (one-hot) to the prompts and the ALSN
             LoRA mixing during training steps instead of the classifier's p (teacher forcing); the classifier
             is then trained by L_ce alone. Validation and inference always use the classifier's p.
@@ -120,7 +124,7 @@ class TrainConfig:
     data_options: Dict[str, Any] = field(default_factory=dict)
     cache_train: bool = False
     num_workers: int = 0
-    loss_weights: Dict[str, float] = field(default_factory=dict)
+    loss_weights: Dict[str, Any] = field(default_factory=dict)
     init: str = "he_conv"
     init_from: Optional[str] = None
     true_degradation_in_training: bool = False
@@ -252,7 +256,7 @@ def cpu_finetune() -> TrainConfig:
     """Continue training ``cpu`` weights on new cases at a lower rate, 2e-4 → 1e-6 cosine over 2400 steps
     (``unifuse train --config cpu_finetune --init-from UniFuseSlicer/Resources/Models/unifuse_default.pt``);
     3600 cases of ``train_seed`` 2, which the ``cpu`` run never saw. It was the second stage of the first
-    shipped weights (token-only FA; ``docs/training.md``).
+    shipped weights (token-only FA) and, with ``--steps 1200``, of the current ones (``docs/training.md``).
     """
     return cpu().replace(
         name="cpu_finetune",
@@ -281,7 +285,7 @@ def cpu_stats() -> TrainConfig:
         train_seed=3,
         train_samples=3000,
         lr_multipliers={"dapl.stats.": 30.0},
-        loss_weights={"reg": 10.0, "inten_target": "mean"},
+        loss_weights={**cpu().loss_weights, "inten_target": "mean"},
     )
 
 
