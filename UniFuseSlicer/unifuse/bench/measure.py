@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-__all__ = ["Measurement", "measure", "memory_method", "current_rss_mb", "available_ram_mb"]
+__all__ = ["Measurement", "measure", "memory_method", "current_rss_mb"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -81,17 +81,6 @@ def _reset_peak() -> bool:
 def current_rss_mb() -> float:
     """Resident set size of this process now, MiB (``nan`` where ``/proc`` is not available)."""
     return _status_mb("VmRSS")
-
-
-def available_ram_mb() -> float:
-    """``MemAvailable`` of ``/proc/meminfo`` in MiB (memory that can be used without swapping); ``nan`` if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return math.nan
 
 
 def memory_method() -> str:

@@ -31,7 +31,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UniFuseError
-from .measure import available_ram_mb, measure
+from ..resources import available_memory_bytes
+from .measure import measure
 
 __all__ = ["DEFAULT_SIZES", "STAGES", "SpeedRow", "speed_inputs", "run_speed", "format_speed_table"]
 
@@ -157,7 +158,7 @@ def _predicted_skip(size: int, last: Optional[SpeedRow], device: Any, time_limit
                     f"{free / 2**30:.1f} GiB free")
     else:
         need = last.rss_increase_mb * ratio * _HEADROOM
-        avail = available_ram_mb()
+        avail = available_memory_bytes("cpu") / 2**20  # MiB
         if math.isfinite(need) and math.isfinite(avail) and need > _RAM_FRACTION * avail:
             return (f"would need ~{need / 1024:.1f} GiB of RAM (extrapolated from {last.size}³), "
                     f"{avail / 1024:.1f} GiB available")
