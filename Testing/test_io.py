@@ -141,22 +141,23 @@ def test_folder_without_dicom_series(tmp_path):
         assert str(target) in msg and "no DICOM series" in msg and "image file" in msg
 
 
-def test_dicom_folder_round_trip_and_largest_series_is_chosen(tmp_path):
+def test_dicom_folder_with_two_series_is_refused_and_each_series_reads_alone(tmp_path):
     big = volume(shape=(12, 11, 10), seed=1)
     small = volume(shape=(8, 11, 10), seed=2)
     folder = tmp_path / "study"
     write_dicom_series(small, folder, "1.2.826.0.1.3680043.2.1125.1.100")
     write_dicom_series(big, folder / "sub", "1.2.826.0.1.3680043.2.1125.1.101")  # nested folder
     before = {p: sha256(p) for p in folder.rglob("*.dcm")}
-    img = uio.read_image(folder)
+    with pytest.raises(InputImageError, match="holds 2 DICOM series") as info:  # issue 15: never pick one silently
+        uio.read_image(folder)
+    assert "1.2.826.0.1.3680043.2.1125.1.101 (12 slices, in 'sub')" in str(info.value)
+    img = uio.read_image(folder / "sub")
     assert img.GetPixelID() == sitk.sitkInt16
     assert_same_image(img, big, atol=1e-4)
     series = uio.find_dicom_series(folder)
     assert [uid for uid, _ in series] == ["1.2.826.0.1.3680043.2.1125.1.101", "1.2.826.0.1.3680043.2.1125.1.100"]
     assert [len(names) for _, names in series] == [12, 8]
     assert {p: sha256(p) for p in folder.rglob("*.dcm")} == before
-    # the smaller series alone reads back as itself
-    assert_same_image(uio.read_image(folder / "sub"), big)
     only_small = tmp_path / "small"
     write_dicom_series(small, only_small, "1.2.826.0.1.3680043.2.1125.1.102")
     assert_same_image(uio.read_image(only_small), small)

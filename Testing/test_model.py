@@ -476,3 +476,37 @@ def test_a_short_optimisation_learns_a_known_translation():
     assert end_v[2] < 0.5 * start_v[2], "classification loss"
     u_centre = out.displacement[0, :, 6:10, 6:10, 6:10].mean(dim=(1, 2, 3))
     assert torch.linalg.norm(u_centre - torch.tensor(shift)) < 0.8, u_centre
+
+
+def test_a_shift_of_one_patch_is_exactly_one_token():
+    """The token-map warp: a uniform field of Q voxels moves the token maps by exactly one token (issue 11:
+    the old align_corners=True resize turned 8 voxels on a 32³ grid into 0.77 token)."""
+    from unifuse.model.unifuse import field_to_token_grid
+    from unifuse.spatial import warp
+
+    q = 8
+    u = torch.zeros(1, 3, 32, 32, 32)
+    u[:, 0] = float(q)  # +8 voxels along x
+    u_tokens = field_to_token_grid(u, q)
+    assert u_tokens.shape == (1, 3, 4, 4, 4)
+    assert torch.allclose(u_tokens[:, 0], torch.ones(1, 4, 4, 4)) and torch.all(u_tokens[:, 1:] == 0)
+    tokens = torch.arange(4.0).view(1, 1, 1, 1, 4).expand(1, 1, 4, 4, 4)  # value = token index along x
+    moved = warp(tokens, u_tokens)
+    assert torch.allclose(moved[..., :3], tokens[..., 1:]), moved[0, 0, 0, 0]
+
+
+def test_fusion_uses_the_field_it_is_given():
+    """restore_and_fuse with an external field differs from the network's own field (the pipeline fuses with
+    the final, guarded field), and forward() equals analyse + predict_field + restore_and_fuse."""
+    torch.manual_seed(0)
+    model = build_model(tiny()).eval()
+    ref, mov = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        out = model(ref, mov)
+        a = model.analyse(ref, mov)
+        p = model.resolve_degradation(None, a.dapl.probs)
+        u = model.predict_field(a, p)
+        assert torch.allclose(u, out.displacement, atol=1e-6)
+        assert torch.allclose(model.restore_and_fuse(a, u, p), out.fused, atol=1e-6)
+        shifted = model.restore_and_fuse(a, u + 2.0, p)
+    assert not torch.allclose(shifted, out.fused, atol=1e-4)

@@ -17,7 +17,8 @@ import unifuse
 from unifuse import geometry
 from unifuse.config import DEGRADATION_CLASSES, tiny
 from unifuse.errors import DeviceError, OutputExistsError, UniFuseError
-from unifuse.model import UniFuseOutput
+from network_doubles import FieldNet
+from unifuse import stages
 from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE, LoadedModel, fuse
 
 
@@ -60,43 +61,32 @@ MOV_GEOM = dict(size=(24, 28, 20), spacing=(2.0, 1.6, 2.4), origin=(-21.0, -26.0
                 direction=tuple((_rot("y", -10)).ravel()))
 
 
-class KnownFieldNet(torch.nn.Module):
-    """Test double with UniFuse's interface that returns a prescribed field and fuses by averaging."""
-
-    def __init__(self, u_vox: np.ndarray, probs=(0.1, 0.7, 0.1, 0.1)):
-        super().__init__()
-        self.register_buffer("u", torch.as_tensor(u_vox, dtype=torch.float32)[None])
-        self.register_buffer("p", torch.tensor([probs]))
-        self.seen = {}
-
-    def forward(self, reference, moving, degradation=None):
-        self.seen = {"reference": reference.clone(), "moving": moving.clone(), "degradation": degradation}
-        from unifuse.spatial import warp
-
-        aligned = warp(moving, self.u)
-        n = self.p.shape[1]
-        return UniFuseOutput(
-            fused=(reference + aligned) / 2, displacement=self.u.clone(), aligned=aligned,
-            logits=self.p.log(), probs=self.p.clone(), prompt=torch.zeros(1, n, 1, 1),
-            tokens_ref=torch.zeros(1, 1, 1), tokens_mov=torch.zeros(1, 1, 1),
-            dapl_states=(torch.zeros(1, 1, 1),) * 3,
-        )
+SPACING = 2.0  # working-grid spacing (mm) of these tests
 
 
-def _loaded(u_vox, size):
-    return LoadedModel(KnownFieldNet(u_vox), tiny().replace(working_size=size), "known-field", True, "test", {})
+def _grid(reference: sitk.Image, moving: sitk.Image) -> sitk.Image:
+    """The working grid the pipeline chooses for header geometry only (affine off) at SPACING."""
+    choice = stages.plan_working_grid(reference, moving, [sitk.Transform(3, sitk.sitkIdentity)], SPACING,
+                                      tiny().size_multiple, lambda v: 0, 1)
+    return choice.grid
 
 
-def _working_field(reference: sitk.Image, size: int, displacement_mm) -> np.ndarray:
-    """The working-grid voxel field (3, S, S, S), channels (x, y, z), of a physical LPS-mm field U(x)."""
-    grid = geometry.working_grid(reference, size)
-    s = size
-    idx = np.stack(np.meshgrid(np.arange(s), np.arange(s), np.arange(s), indexing="ij"), -1).reshape(-1, 3)
+def _working_field(grid: sitk.Image, displacement_mm) -> np.ndarray:
+    """The working-grid voxel field (3, D, H, W), channels (x, y, z), of a physical LPS-mm field U(x)."""
+    size = grid.GetSize()
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in size], indexing="ij"), -1).reshape(-1, 3)
     d = np.array(grid.GetDirection()).reshape(3, 3)
     pts = np.array(grid.GetOrigin()) + (idx * np.array(grid.GetSpacing())) @ d.T
-    u_mm = displacement_mm(pts)
-    u_vox = (u_mm @ d) / np.array(grid.GetSpacing())  # D^T u / spacing
-    return u_vox.reshape(s, s, s, 3).transpose(3, 2, 1, 0)  # (x,y,z) channels, (z,y,x) arrays
+    u_vox = (displacement_mm(pts) @ d) / np.array(grid.GetSpacing())  # D^T u / spacing
+    return u_vox.reshape(*size, 3).transpose(3, 2, 1, 0).astype(np.float32)  # (x,y,z) channels, (z,y,x) arrays
+
+
+def _loaded(net) -> LoadedModel:
+    return LoadedModel(net, tiny(), "double", True, "test", {})
+
+
+#: Only header geometry and the network's field: the geometry of the pipeline, without the registrations.
+GEOMETRY_ONLY = dict(affine="none", refine="none", guard=False, spacing_mm=SPACING)
 
 
 def _interior(img: sitk.Image, margin=4) -> np.ndarray:
@@ -132,9 +122,8 @@ def test_known_field_recovers_reference_on_oblique_anisotropic_grids(kind):
     ref_before = sitk.GetArrayFromImage(reference).copy()
     mov_before = sitk.GetArrayFromImage(moving).copy()
 
-    size = 32
-    loaded = _loaded(_working_field(reference, size, forward_map), size)
-    result = fuse(reference, moving, device="cpu", model=loaded, working_size=size)
+    u_vox = torch.from_numpy(_working_field(_grid(reference, moving), forward_map))[None]
+    result = fuse(reference, moving, device="cpu", model=_loaded(FieldNet(lambda fixed: u_vox)), **GEOMETRY_ONLY)
 
     # inputs untouched
     assert np.array_equal(sitk.GetArrayFromImage(reference), ref_before)
@@ -168,46 +157,61 @@ def test_known_field_recovers_reference_on_oblique_anisotropic_grids(kind):
     assert result.report["error_map_mean"]["after"] < result.report["error_map_mean"]["before"]
 
 
-def test_network_sees_normalised_inputs_on_the_working_grid():
+def test_network_sees_normalised_inputs_on_the_mm_working_grid():
     reference = _image(**REF_GEOM, fn=lambda p: 1000 * _blobs(p) + 50)
     moving = _image(**MOV_GEOM, fn=lambda p: 3 * _blobs(p))
-    net = KnownFieldNet(np.zeros((3, 16, 16, 16), np.float32))
-    fuse(reference, moving, device="cpu", model=LoadedModel(net, tiny(), "known", True, "test", {}), working_size=16)
+    net = FieldNet()
+    result = fuse(reference, moving, device="cpu", model=_loaded(net), **GEOMETRY_ONLY)
+    grid = _grid(reference, moving)
+    shape = tuple(reversed(grid.GetSize()))
+    assert result.report["working_grid"]["size"] == list(grid.GetSize())
+    assert result.report["working_grid"]["spacing_mm"] == [SPACING] * 3
+    assert all(s % tiny().size_multiple == 0 for s in shape)
     for key in ("reference", "moving"):
         x = net.seen[key]
-        assert x.shape == (1, 1, 16, 16, 16) and x.dtype == torch.float32
+        assert x.shape == (1, 1, *shape) and x.dtype == torch.float32
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.9
 
 
 def test_degradation_override_reaches_the_network_and_report():
     reference = _image(**REF_GEOM, fn=_blobs)
     moving = _image(**MOV_GEOM, fn=_blobs)
-    net = KnownFieldNet(np.zeros((3, 16, 16, 16), np.float32))
-    loaded = LoadedModel(net, tiny(), "known", True, "test", {})
-    auto = fuse(reference, moving, device="cpu", model=loaded, working_size=16)
+    net = FieldNet()
+    loaded = _loaded(net)
+    auto = fuse(reference, moving, device="cpu", model=loaded, **GEOMETRY_ONLY)
     assert auto.degradation == "motion" and net.seen["degradation"] is None
     assert set(auto.probabilities) == set(DEGRADATION_CLASSES)
-    forced = fuse(reference, moving, degradation="lowdose", device="cpu", model=loaded, working_size=16)
+    assert auto.report["degradation"]["mixture"] == pytest.approx(auto.probabilities)
+    forced = fuse(reference, moving, degradation="lowdose", device="cpu", model=loaded, **GEOMETRY_ONLY)
     assert forced.degradation == "lowdose"
     assert int(net.seen["degradation"][0]) == DEGRADATION_CLASSES.index("lowdose")
     assert forced.report["degradation"]["predicted"] == "motion"
+    assert forced.report["degradation"]["mixture"]["lowdose"] == 1.0
     with pytest.raises(UniFuseError, match="unknown degradation"):
-        fuse(reference, moving, degradation="blurry", device="cpu", model=loaded, working_size=16)
+        fuse(reference, moving, degradation="blurry", device="cpu", model=loaded)
 
 
-def test_untrained_network_runs_end_to_end_and_says_so(tmp_path):
+def test_untrained_network_runs_every_stage_end_to_end_and_says_so(tmp_path):
     reference = _image(**REF_GEOM, fn=_blobs)
     moving = _image(**MOV_GEOM, fn=_blobs)
     calls = []
-    result = fuse(reference, moving, device="cpu", config="tiny", progress=lambda f, m: calls.append((f, m)))
-    assert result.report["model"]["trained"] is False
-    assert "UNTRAINED" in result.report["warning"]
-    assert result.report["device"].startswith("cpu")
-    assert set(result.report["timings_s"]) >= {"read", "load_model", "prepare", "network", "warp", "maps", "total"}
+    result = fuse(reference, moving, device="cpu", config="tiny", spacing_mm=SPACING,
+                  progress=lambda f, m: calls.append((f, m)))
+    report = result.report
+    assert report["model"]["trained"] is False
+    assert any("UNTRAINED" in w for w in report["warnings"])
+    assert report["device"].startswith("cpu")
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["read", "load_model", "header", "affine", "working_grid", "network", "refine", "fusion",
+                     "warp", "maps"]
+    assert set(report["timings_s"]) == {*names, "total"}
+    for name in ("affine", "network", "refine"):
+        stage = report["alignment"]["stages"][name]
+        assert isinstance(stage["kept"], bool) and stage["score"] >= 0.0
     fractions = [f for f, _ in calls]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     paths = result.save(tmp_path / "out dir ü")
-    assert sorted(p.name for p in paths.values()) == sorted([*OUTPUT_FILES.values(), REPORT_FILE])
+    assert {p.name for p in paths.values()} >= {*OUTPUT_FILES.values(), REPORT_FILE}
     assert all(p.is_file() for p in paths.values())
     assert not [p for p in (tmp_path / "out dir ü").iterdir() if p.name.startswith(".unifuse-partial")]
     back = sitk.ReadImage(str(paths["displacement"]))
@@ -223,10 +227,58 @@ def test_cancel_stops_before_any_output():
         fuse(reference, reference, device="cpu", config="tiny", cancel=lambda: True)
 
 
-def test_unavailable_cuda_and_bad_working_size_are_clear_errors():
+def test_unavailable_cuda_and_bad_spacing_are_clear_errors():
     reference = _image(**REF_GEOM, fn=_blobs)
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="--device cpu"):
             fuse(reference, reference, device="cuda", config="tiny")
-    with pytest.raises(UniFuseError, match="multiple of"):
-        fuse(reference, reference, device="cpu", config="tiny", working_size=18)
+    for bad in (0, -1.0, 1e5, float("nan")):
+        with pytest.raises(UniFuseError, match="spacing"):
+            fuse(reference, reference, device="cpu", config="tiny", spacing_mm=bad)
+
+
+def test_spacing_finer_than_the_reference_is_raised_to_it_and_said():
+    reference = _image(**REF_GEOM, fn=_blobs)
+    result = fuse(reference, reference, device="cpu", model=_loaded(FieldNet()), **{**GEOMETRY_ONLY, "spacing_mm": 0.5})
+    assert result.report["working_grid"]["spacing_mm"] == [1.5] * 3
+    assert any("raised from 0.5 mm" in n for n in result.report["notes"])
+
+
+def _damaging_field(fixed: torch.Tensor) -> torch.Tensor:
+    """A smooth field of ~3 working-grid voxels (6 mm) that scrambles an aligned pair."""
+    d, h, w = fixed.shape[2:]
+    z, y, x = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    u = torch.stack([3 * torch.sin(y / 2.0), 3 * torch.cos(z / 2.5), 3 * torch.sin(x / 2.2)]).float()
+    return u[None]
+
+
+def test_guard_rejects_a_stage_that_damages_the_alignment_and_says_so():
+    reference = _image(**REF_GEOM, fn=_blobs)
+    moving = _image(**MOV_GEOM, fn=lambda p: 1.0 - 0.8 * _blobs(p))  # aligned by header, other contrast
+    net = FieldNet(_damaging_field)
+    options = dict(affine="none", refine="none", spacing_mm=SPACING, device="cpu")
+    guarded = fuse(reference, moving, model=_loaded(net), **options)
+    stage = guarded.report["alignment"]["stages"]["network"]
+    assert stage["kept"] is False and stage["score"] > stage["previous_score"]
+    assert guarded.report["alignment"]["final_stage"] == "header"
+    # the result is the previous stage's: header geometry, no displacement, and the fusion used no field
+    assert np.abs(sitk.GetArrayFromImage(guarded.displacement)).max() < 1e-4
+    assert float(net.fused_with.abs().max()) == 0.0
+    assert any("not better than the header geometry" in w for w in guarded.report["warnings"])
+    # without the guard the damaging field is kept (and the pipeline still warns: nothing improved the score)
+    unguarded = fuse(reference, moving, model=_loaded(net), guard=False, **options)
+    assert unguarded.report["alignment"]["stages"]["network"]["kept"] is True
+    assert np.abs(sitk.GetArrayFromImage(unguarded.displacement)).max() > 3.0
+
+
+def test_guard_keeps_a_field_that_repairs_the_alignment():
+    t = np.array([4.0, -3.0, 2.5])
+    reference = _image(**REF_GEOM, fn=_blobs)
+    moving = _image(**MOV_GEOM, fn=lambda y: 1.0 - 0.8 * _blobs(y - t))
+    u = torch.from_numpy(_working_field(_grid(reference, moving), lambda x: np.broadcast_to(t, x.shape).copy()))[None]
+    result = fuse(reference, moving, model=_loaded(FieldNet(lambda fixed: u)), affine="none", refine="none",
+                  spacing_mm=SPACING, device="cpu")
+    stage = result.report["alignment"]["stages"]["network"]
+    assert stage["kept"] is True and stage["score"] < 0.9 * stage["previous_score"]
+    assert result.report["alignment"]["final_stage"] == "network"
+    assert "warnings" not in result.report

@@ -1,9 +1,9 @@
-"""Scale: memory budget, working-size choice, out-of-memory fallback, reduced error-map grid.
+"""Scale: memory budget, working-grid choice (spacing in mm), out-of-memory fallback, reduced error-map grid.
 
 The large-volume behaviour is tested with small volumes and a mocked memory budget (the logic is the same);
 the real 512x512x600 CT case was measured once and is documented in docs/troubleshooting.md. CUDA
 out-of-memory is tested on the CPU with a test double whose forward raises ``torch.cuda.OutOfMemoryError``
-above a working size.
+above a number of working voxels.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unifuse import geometry, pipeline, resources
+from network_doubles import FieldNet
+from unifuse import geometry, pipeline, resources, stages
 from unifuse.config import get_config, tiny
 from unifuse.errors import InsufficientMemoryError
-from unifuse.model import UniFuseOutput
 from unifuse.pipeline import LoadedModel, fuse, network_attempts, run_with_fallback
 
 CPU = torch.device("cpu")
@@ -96,40 +96,11 @@ def test_reference_stage_estimate_caps_the_error_map_term():
 # working-size choice
 
 
-def test_choose_working_size_keeps_the_request_when_it_fits_and_reduces_otherwise():
-    cfg = get_config("default")  # size_multiple 8
-    big = resources.choose_working_size(cfg, 64, 64 * resources.GiB)
-    assert (big.size, big.reduced, big.fits, big.message) == (64, False, True, "")
-    budget = resources.estimate_network_bytes(cfg, 48) + 1
-    mid = resources.choose_working_size(cfg, 64, budget)
-    assert mid.size == 48 and mid.reduced and mid.fits
-    assert resources.estimate_network_bytes(cfg, 56) > budget
-    assert "reduced from 64³ to 48³" in mid.message and "whole field of view" in mid.message
-    low = resources.choose_working_size(cfg, 64, 1)
-    assert low.size == resources.min_working_size(cfg) == 16 and not low.fits
-    assert "trying anyway" in low.message
-    assert mid.to_dict()["reduced"] is True and mid.to_dict()["budget_bytes"] == budget
-    with pytest.raises(ValueError, match="multiple of 8"):
-        resources.choose_working_size(cfg, 60, budget)
-
-
-def test_fallback_sizes_shrink_by_about_half_the_voxels_down_to_the_floor():
-    cfg = get_config("default")
-    sizes = resources.fallback_sizes(cfg, 128)
-    assert sizes == [96, 72, 56, 40, 32, 24, 16]
-    assert all(s % cfg.size_multiple == 0 for s in sizes)
-    assert all(b <= 0.8 * a for a, b in zip([128, *sizes], sizes))
-    assert resources.fallback_sizes(cfg, 16) == []
-    assert resources.fallback_sizes(tiny(), 16) == [12, 8]
-    assert resources.fallback_sizes(cfg, 128, floor=64) == [96, 72]
-
-
-def test_network_attempts_go_down_on_cuda_then_to_the_cpu():
-    cfg = get_config("default")
-    assert network_attempts(cfg, 64, CPU) == [(64, CPU), (48, CPU), (32, CPU), (24, CPU), (16, CPU)]
-    plan = network_attempts(cfg, 128, CUDA, cpu_size=96)
-    assert plan[:3] == [(128, CUDA), (96, CUDA), (72, CUDA)]  # not below half the edge on the GPU
-    assert plan[3] == (96, CPU) and all(d == CPU for _, d in plan[3:])
+def test_network_attempts_coarsen_the_spacing_then_move_to_the_cpu():
+    assert network_attempts(2.0, CPU) == [(2.0, CPU), (2.5, CPU), (3.125, CPU), (3.90625, CPU)]
+    plan = network_attempts(2.0, CUDA)
+    assert plan[:4] == [(2.0, CUDA), (2.5, CUDA), (3.125, CUDA), (3.90625, CUDA)]
+    assert plan[4] == (2.0, CPU) and all(d == CPU for _, d in plan[4:])
 
 
 def test_out_of_memory_errors_are_recognised():
@@ -144,132 +115,107 @@ def test_out_of_memory_errors_are_recognised():
 def test_run_with_fallback_retries_cuda_oom_then_runs_on_the_cpu():
     calls, messages = [], []
 
-    def run(size, device):
-        calls.append((size, device.type))
+    def run(spacing, device):
+        calls.append((spacing, device.type))
         if device.type == "cuda":
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory at {size}")
-        if size > 48:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory at {spacing}")
+        if spacing < 2.5:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
-        return f"ran {size} on {device.type}"
+        return f"ran {spacing} on {device.type}"
 
-    plan = network_attempts(get_config("default"), 96, CUDA, cpu_size=64)
-    assert run_with_fallback(plan, run, messages.append) == "ran 48 on cpu"
-    assert calls == [(96, "cuda"), (72, "cuda"), (56, "cuda"), (64, "cpu"), (48, "cpu")]  # GPU floor: 48
-    assert messages[0] == "out of memory running the network at 96³ on cuda; retrying at 72³ on cuda"
-    assert messages[2] == "out of memory running the network at 56³ on cuda; retrying at 64³ on the CPU (slower)"
-    assert len(messages) == 4
+    assert run_with_fallback(network_attempts(2.0, CUDA, retries=1), run, messages.append) == "ran 2.5 on cpu"
+    assert calls == [(2.0, "cuda"), (2.5, "cuda"), (2.0, "cpu"), (2.5, "cpu")]
+    assert messages[0] == "out of memory on a 2 mm working grid on cuda; retrying at 2.5 mm on cuda"
+    assert messages[1] == "out of memory on a 2.5 mm working grid on cuda; retrying at 2 mm on the CPU (slower)"
+    assert len(messages) == 3
 
 
 def test_run_with_fallback_lets_other_errors_through_and_gives_up_clearly():
-    def broken(size, device):
+    def broken(spacing, device):
         raise RuntimeError("shapes do not match")
 
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        run_with_fallback([(32, CPU), (16, CPU)], broken, lambda m: None)
+        run_with_fallback([(2.0, CPU), (2.5, CPU)], broken, lambda m: None)
 
-    def always_oom(size, device):
+    def always_oom(spacing, device):
         raise MemoryError()
 
-    with pytest.raises(InsufficientMemoryError, match=r"tried 32³ on cpu, 16³ on cpu; .* of RAM free"):
-        run_with_fallback([(32, CPU), (16, CPU)], always_oom, lambda m: None)
+    with pytest.raises(InsufficientMemoryError, match=r"tried 2 mm on cpu, 2.5 mm on cpu; .* of RAM free"):
+        run_with_fallback([(2.0, CPU), (2.5, CPU)], always_oom, lambda m: None)
 
 
 # --------------------------------------------------------------------------------------------------------
 # the pipeline with a mocked budget and an out-of-memory test double
 
 
-class OomAboveNet(torch.nn.Module):
-    """UniFuse's interface; raises torch.cuda.OutOfMemoryError for working grids larger than ``limit``,
-    otherwise returns a zero field and the average as fused volume."""
-
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-        self.sizes: list = []
-
-    def forward(self, reference, moving, degradation=None):
-        s = reference.shape[-1]
-        self.sizes.append(s)
-        if s > self.limit:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {s**3 * 4096} bytes")
-        zero = torch.zeros(1, 3, s, s, s)
-        probs = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
-        return UniFuseOutput(
-            fused=(reference + moving) / 2, displacement=zero, aligned=moving, logits=probs.log(), probs=probs,
-            prompt=torch.zeros(1, 4, 1, 1), tokens_ref=torch.zeros(1, 1, 1), tokens_mov=torch.zeros(1, 1, 1),
-            dapl_states=(torch.zeros(1, 1, 1),) * 3,
-        )
+#: Header geometry only: these tests are about memory, not about the registrations.
+FAST = dict(affine="none", refine="none", device="cpu")
 
 
-def test_network_oom_is_retried_at_lower_working_sizes_with_messages():
+def _loaded(net, cfg=None) -> LoadedModel:
+    return LoadedModel(net, cfg or tiny(), "double", True, "test", {})
+
+
+def test_network_oom_is_retried_at_coarser_spacings_with_messages():
     ref, mov = _blob_image(), _blob_image(shift=1.0)
     ref_before, mov_before = sitk.GetArrayFromImage(ref).copy(), sitk.GetArrayFromImage(mov).copy()
-    net = OomAboveNet(limit=16)
-    loaded = LoadedModel(net, tiny().replace(working_size=32), "oom-double", True, "test", {})
+    net = FieldNet(oom_above=2000)
     progress = []
-    result = fuse(ref, mov, device="cpu", model=loaded, progress=lambda f, m: progress.append((f, m)))
-    assert net.sizes == [32, 24, 16]
+    result = fuse(ref, mov, model=_loaded(net), spacing_mm=1.6, progress=lambda f, m: progress.append((f, m)), **FAST)
+    voxels = [int(np.prod(g)) for g in net.grids]
+    assert voxels[-1] <= 2000 < min(voxels[:-1]) and len(voxels) >= 2
     report = result.report
-    assert report["working_grid"]["size"] == [16, 16, 16] and report["working_grid"]["requested_size"] == 32
-    assert report["notes"] == [
-        "out of memory running the network at 32³ on cpu; retrying at 24³ on cpu",
-        "out of memory running the network at 24³ on cpu; retrying at 16³ on cpu",
-    ]
+    assert report["working_grid"]["requested_spacing_mm"] == pytest.approx(1.6 * 1.25 ** (len(voxels) - 1))
+    assert report["notes"][0] == "out of memory on a 1.6 mm working grid on cpu; retrying at 2 mm on cpu"
     assert [m for _, m in progress if m.startswith("out of memory")] == report["notes"]
     fractions = [f for f, _ in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    # the smaller grid still covers the whole reference FOV and the outputs are at full resolution
-    grid = geometry.working_grid(ref, 16)
-    assert report["working_grid"]["spacing_mm"] == pytest.approx(list(grid.GetSpacing()))
-    assert _covers(grid, ref)
     for img in (result.fused, result.aligned, result.displacement, result.jacobian, result.error_map):
         assert img.GetSize() == ref.GetSize()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ref), ref_before)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mov), mov_before)
 
 
-def test_network_oom_at_every_size_is_a_clear_error():
-    loaded = LoadedModel(OomAboveNet(limit=0), tiny().replace(working_size=16), "oom-double", True, "test", {})
+def test_network_oom_at_every_spacing_is_a_clear_error():
     with pytest.raises(InsufficientMemoryError) as info:
-        fuse(_blob_image(), _blob_image(), device="cpu", model=loaded)
+        fuse(_blob_image(), _blob_image(), model=_loaded(FieldNet(oom_above=0)), spacing_mm=2.0, **FAST)
     msg = str(info.value)
-    assert "tried 16³ on cpu, 12³ on cpu, 8³ on cpu" in msg and "close other programs" in msg
+    assert "tried 2 mm on cpu, 2.5 mm on cpu, 3.12 mm on cpu, 3.91 mm on cpu" in msg and "--spacing" in msg
 
 
-def test_small_memory_budget_reduces_the_working_grid_and_says_so(monkeypatch):
-    cfg = tiny().replace(working_size=32)
-    budget = resources.estimate_network_bytes(cfg, 16) + 1000
+def test_small_memory_budget_coarsens_the_working_grid_and_says_so(monkeypatch):
+    cfg = tiny()
+    budget = resources.estimate_network_bytes(cfg, 8) + 1000
     monkeypatch.setattr(resources, "available_memory_bytes", lambda device="cpu": int(budget / 0.8) + 1)
-    net = OomAboveNet(limit=1000)
+    monkeypatch.setattr(pipeline, "_check_reference_memory", lambda r, m: {"estimated_bytes": 0, "available_bytes": 0})
+    net = FieldNet()
     progress = []
-    result = fuse(_blob_image(), _blob_image(shift=1.0), device="cpu", progress=lambda f, m: progress.append(m),
-                  model=LoadedModel(net, cfg, "double", True, "test", {}))
-    assert net.sizes == [16]
-    note = result.report["notes"][0]
-    assert note.startswith("working grid reduced from 32³ to 16³ to fit the memory budget of")
-    assert note in progress
-    assert result.report["working_grid"]["size"] == [16] * 3
+    result = fuse(_blob_image(), _blob_image(shift=1.0), model=_loaded(net, cfg), spacing_mm=1.6,
+                  progress=lambda f, m: progress.append(m), **FAST)
+    note = next(n for n in result.report["notes"] if n.startswith("working-grid spacing coarsened from 1.6 mm"))
+    assert "to fit the memory budget" in note and note in progress
+    assert result.report["working_grid"]["spacing_mm"][0] > 1.6
     assert result.report["memory"]["network_estimated_bytes"] <= result.report["memory"]["network_budget_bytes"]
 
 
 def test_reference_too_large_for_free_memory_is_refused_before_the_network(monkeypatch):
     monkeypatch.setattr(resources, "available_memory_bytes", lambda device="cpu": 100_000)
-    net = OomAboveNet(limit=1000)
+    net = FieldNet()
     with pytest.raises(InsufficientMemoryError) as info:
-        fuse(_blob_image(), _blob_image(), device="cpu", model=LoadedModel(net, tiny(), "double", True, "test", {}))
+        fuse(_blob_image(), _blob_image(), model=_loaded(net), **FAST)
     msg = str(info.value)
     assert "(22, 20, 18) needs about" in msg and "is free" in msg and "crop/downsample the reference" in msg
-    assert net.sizes == []
+    assert net.grids == []
 
 
 def test_error_maps_on_a_coarser_grid_for_huge_references(monkeypatch):
     ref = _blob_image(size=(40, 36, 32), spacing=(1.0, 1.1, 1.2))
     mov = _blob_image(size=(30, 30, 30), spacing=(1.4, 1.3, 1.3), shift=2.0)
-    loaded = LoadedModel(OomAboveNet(limit=1000), tiny(), "double", True, "test", {})
-    full = fuse(ref, mov, device="cpu", model=loaded)
+    loaded = _loaded(FieldNet())
+    full = fuse(ref, mov, model=loaded, **FAST)
     assert full.report["error_maps"]["reduced"] is False and full.report["notes"] == []
     monkeypatch.setattr(resources, "ERROR_MAP_MAX_VOXELS", ref.GetNumberOfPixels() // 8)
-    small = fuse(ref, mov, device="cpu", model=loaded)
+    small = fuse(ref, mov, model=loaded, **FAST)
     info = small.report["error_maps"]
     assert info["reduced"] is True and np.prod(info["grid_size"]) <= ref.GetNumberOfPixels() // 8
     assert info["grid_size"] == [20, 18, 16]
@@ -309,10 +255,10 @@ def test_displacement_field_is_float32_and_equals_the_float64_field():
 def test_normalisation_of_huge_volumes_uses_a_sub_lattice(monkeypatch):
     arr = np.random.default_rng(0).gamma(4.0, 100.0, size=(32, 36, 40)).astype(np.float32)  # MR-like texture
     img = sitk.GetImageFromArray(arr)
-    exact, step = pipeline._normalization(img)
+    exact, step = stages.normalization(img, "test")
     assert step == 1
-    monkeypatch.setattr(pipeline, "NORMALIZATION_MAX_VOXELS", img.GetNumberOfPixels() // 8)
-    approx, step = pipeline._normalization(img)
+    monkeypatch.setattr(stages, "NORMALIZATION_MAX_VOXELS", img.GetNumberOfPixels() // 8)
+    approx, step = stages.normalization(img, "test")
     assert step == 2
     assert approx.mode == exact.mode == "percentile"
     span = exact.high - exact.low  # compare in normalised units: within 2% of the [0, 1] range
@@ -341,24 +287,23 @@ def _reference(size, spacing, origin, ang) -> sitk.Image:
 
 @settings(max_examples=40, deadline=None)
 @given(size=st.tuples(*(st.integers(8, 60),) * 3), spacing=spacings, origin=origins, ang=angles,
-       config=st.sampled_from(["tiny", "default", "paper"]), requested_steps=st.integers(2, 24),
+       config=st.sampled_from(["tiny", "default", "paper"]), requested=st.floats(0.5, 12.0),
        budget_gib=st.floats(0.01, 200.0))
-def test_property_chosen_working_grid_fits_and_covers_the_fov(size, spacing, origin, ang, config, requested_steps,
+def test_property_chosen_working_grid_fits_and_covers_the_fov(size, spacing, origin, ang, config, requested,
                                                               budget_gib):
     cfg = get_config(config)
-    m = cfg.size_multiple
-    requested = requested_steps * m
+    ref = _reference(size, spacing, origin, ang)
     budget = int(budget_gib * resources.GiB)
-    choice = resources.choose_working_size(cfg, requested, budget)
-    assert choice.size % m == 0 and 0 < choice.size <= requested
-    if choice.fits:
-        assert resources.estimate_network_bytes(cfg, choice.size) <= budget
-        if choice.size < requested:  # the largest that fits
-            assert resources.estimate_network_bytes(cfg, choice.size + m) > budget
-    else:
-        assert choice.size == min(resources.min_working_size(cfg), requested)
-    grid = geometry.working_grid(_reference(size, spacing, origin, ang), choice.size)
-    assert _covers(grid, _reference(size, spacing, origin, ang))
+    nbytes = lambda voxels: resources.estimate_network_bytes(cfg, round(voxels ** (1 / 3)))  # noqa: E731
+    choice = stages.plan_working_grid(ref, ref, [sitk.Transform(3, sitk.sitkIdentity)], requested,
+                                      cfg.size_multiple, nbytes, budget)
+    grid = choice.grid
+    assert all(s % cfg.size_multiple == 0 for s in grid.GetSize())
+    assert choice.spacing_mm >= max(min(spacing), requested) - 1e-9
+    assert np.allclose(grid.GetSpacing(), choice.spacing_mm)
+    if choice.spacing_mm > max(min(spacing), requested) + 1e-9 and choice.spacing_mm < 64:
+        assert nbytes(grid.GetNumberOfPixels()) <= budget  # coarsened only as far as the budget needs
+    assert _covers(grid, ref, tol=1e-6 * max(size))
 
 
 @settings(max_examples=40, deadline=None)

@@ -17,7 +17,7 @@ def test_demo_folder_renders_overlay_grid_and_error_map(tmp_path):
     from UniFuseSlicerLib import demo_views
 
     run = tmp_path / "demo"
-    assert main(["demo", "--out", str(run), "--size", "32", "--config", "tiny", "--working-size", "16", "--quiet"]) == 0
+    assert main(["demo", "--out", str(run), "--size", "32", "--config", "tiny", "--spacing", "8", "--affine", "none", "--refine", "none", "--quiet"]) == 0
     try:
         paths = demo_views.render_demo_views(run, size=(200, 200))
     except Exception as error:  # pragma: no cover - only where no OpenGL context can be made

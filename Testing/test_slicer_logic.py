@@ -25,10 +25,11 @@ slicer = pytest.importorskip("slicer")
 import unifuse  # noqa: E402
 from unifuse.config import DEGRADATION_CLASSES, tiny  # noqa: E402
 from unifuse.errors import CancelledError, GeometryError, InputImageError, UniFuseError  # noqa: E402
+from unifuse.options import FuseOptions  # noqa: E402
 from UniFuseSlicerLib import background, dependencies, display, hierarchy, logic, options, sampledata  # noqa: E402
 from UniFuseSlicerLib import transforms, volumes  # noqa: E402
 
-RUN_OPTIONS = dict(device="cpu", config=tiny(), working_size=16)
+RUN_OPTIONS = dict(device="cpu", config="tiny", spacing_mm=4.0, affine="none", refine="none")
 
 
 def rotation_z(degrees: float) -> np.ndarray:
@@ -196,8 +197,8 @@ def test_subject_hierarchy_folder_and_provenance_attributes(run):
         assert "tiny" in node.GetAttribute("UniFuse.ModelID")
         assert node.GetAttribute("UniFuse.Version") == unifuse.__version__
         recorded = json.loads(node.GetAttribute("UniFuse.Options"))
-        assert recorded == {"degradation": "auto", "device": "cpu", "weights": None, "config": "tiny",
-                            "working_size": 16, "mode": "in-process"}
+        assert recorded == {**FuseOptions(**RUN_OPTIONS).to_dict(), "mode": "in-process"}
+        assert recorded["spacing_mm"] == 4.0 and recorded["config"] == "tiny" and recorded["refine"] == "none"
         assert json.loads(node.GetAttribute("UniFuse.Probabilities")) == pytest.approx(nodes.probabilities)
 
 
@@ -318,16 +319,23 @@ def test_adding_a_broken_result_rolls_back_every_created_node():
 
 
 def test_cli_command_and_environment(tmp_path):
-    command = logic.build_cli_command("r.nrrd", "m.nrrd", tmp_path, degradation="metal", device="cuda",
-                                      weights="w.pt", working_size=32, config="tiny", overwrite=True, python="py")
+    options = FuseOptions(degradation="metal", device="cuda", weights="w.pt", spacing_mm=2.5, config="tiny",
+                          refine="full", network=False)
+    command = logic.build_cli_command("r.nrrd", "m.nrrd", tmp_path, options, overwrite=True, python="py")
     assert command == ["py", "-m", "unifuse.cli", "fuse", "--reference", "r.nrrd", "--moving", "m.nrrd",
                        "--out", str(tmp_path), "--degradation", "metal", "--device", "cuda", "--weights", "w.pt",
-                       "--working-size", "32", "--config", "tiny", "--overwrite", "--machine-progress"]
+                       "--config", "tiny", "--spacing", "2.5", "--no-network", "--refine", "full", "--overwrite",
+                       "--machine-progress"]
+    # the CLI reads back exactly these options
+    from unifuse.cli import build_parser
+
+    parsed = build_parser().parse_args(command[3:-2])
+    assert FuseOptions.from_namespace(parsed) == options
     assert logic.build_cli_command("r", "m", "o")[-1] == "--machine-progress"
     with pytest.raises(UniFuseError, match="degradation"):
-        logic.build_cli_command("r", "m", "o", degradation="blur")
+        FuseOptions(degradation="blur")
     with pytest.raises(UniFuseError, match="device"):
-        logic.build_cli_command("r", "m", "o", device="tpu")
+        FuseOptions(device="tpu")
     env = logic.cli_environment({"PYTHONPATH": "/elsewhere"})
     assert env["PYTHONPATH"].split(os.pathsep) == [str(logic.core_package_parent()), "/elsewhere"]
     assert (logic.core_package_parent() / "unifuse" / "cli.py").is_file()
@@ -349,7 +357,7 @@ def test_background_run_equals_in_process_run(run):
     scene, reference, moving, states, ids_before, fractions, nodes = run
     progress, log = [], []
     job = logic.FusionLogic(scene).start_background(
-        reference, moving, device="cpu", working_size=16, config="tiny",
+        reference, moving, **RUN_OPTIONS,
         on_progress=lambda f, m: progress.append((f, m)), on_log=log.append)
     result = job.wait(timeout=180)
     assert not job.work_dir.exists()  # temporary inputs/outputs removed
@@ -374,7 +382,7 @@ def test_background_run_cancelled_at_once_adds_nothing():
     reference = volumes.image_to_volume_node(reference_image, scene, "reference")
     moving = volumes.image_to_volume_node(moving_image, scene, "moving")
     before = node_ids(scene)
-    job = logic.FusionLogic(scene).start_background(reference, moving, device="cpu", working_size=16, config="tiny")
+    job = logic.FusionLogic(scene).start_background(reference, moving, **RUN_OPTIONS)
     job.cancel()
     with pytest.raises(CancelledError):
         while job.poll() is None:
@@ -447,27 +455,31 @@ def test_cli_process_cancel_stops_a_running_child():
     process = background.CliProcess([sys.executable, "-c", "import time; print('PROGRESS 0.1 started', "
                                      "file=__import__('sys').stderr, flush=True); time.sleep(60)"])
     process.start()
-    process.cancel(timeout=10)
-    assert process.poll() is not None
+    process.cancel(grace_s=10)  # returns at once; SIGTERM ends this child within the grace period
+    assert process.wait(timeout=10) != 0
     assert process.cancelled and process.error_message() == "cancelled by the user"
 
 
 def test_options_match_the_core():
     assert options.degradation_values() == ["auto", *DEGRADATION_CLASSES]
     assert [c.value for c in options.OVERLAY_CHOICES] == list(logic.VOLUME_ROLES)
-    devices = options.device_choices()
-    assert [c.value for c in devices[:2]] == ["auto", "cpu"]
-    import torch
+    # the device list needs no torch: auto/cpu/cuda from the start, labels refined by the probe's GPUs
+    assert [c.value for c in options.device_choices()] == list(options.DEVICE_VALUES) == ["auto", "cpu", "cuda"]
+    assert [c.value for c in options.device_choices([])] == ["auto", "cpu", "cuda"]
+    assert "no CUDA GPU" in options.device_choices([])[0].label
+    two = [options.GpuInfo(0, "NVIDIA H200", 139.8), options.GpuInfo(1, "NVIDIA H200", 139.8)]
+    assert options.device_choices(two)[2].label == "GPU 0: NVIDIA H200 (139.8 GiB) (+1 more; select with CUDA_VISIBLE_DEVICES)"
+    from unifuse.options import FuseOptions as _FuseOptions
 
-    if torch.cuda.is_available():
-        assert devices[2].value == "cuda" and torch.cuda.get_device_name(0) in devices[2].label
-    else:
-        assert len(devices) == 2 and "no CUDA GPU" in devices[0].label
+    for value in options.DEVICE_VALUES:
+        _FuseOptions(device=value)  # every value is one the core accepts
+    assert [c.value for c in options.OUTPUT_MODE_CHOICES] == ["new", "update"]
 
 
 def test_dependency_plan_and_constraints(tmp_path):
     plan = dependencies.installation_plan()
     assert plan.torch_ok and plan.ready and plan.pip_requirements == []  # this venv has everything
+    assert "nibabel>=4" in dependencies.PIP_REQUIREMENTS.values()  # the CLI verifies its NIfTI outputs with it
     assert dependencies.missing_pip_requirements({"unifuse_no_such_module": "nosuch>=1.0", "numpy": "numpy>=1.24"}) \
         == ["nosuch>=1.0"]
     text = dependencies.constraints_text()

@@ -25,6 +25,7 @@ CUSTOM_WIDGET_TYPES = {  # parameter-node GUI connectors of Slicer: widget class
     "qMRMLNodeComboBox": "node",
     "QCheckBox": "bool",
     "QSpinBox": "int",
+    "QDoubleSpinBox": "float",
     "ctkSliderWidget": "float",
 }
 
@@ -112,7 +113,8 @@ def test_parameter_names_in_the_ui_match_typed_parameter_node_fields(ui, module_
             assert annotation.startswith("Annotated[float") and "WithinRange" in annotation, (name, annotation)
         else:
             assert annotation == kind or annotation.startswith(f"Annotated[{kind}"), (name, annotation)
-    assert {"referenceVolume", "movingVolume", "foregroundOpacity", "showGrid", "workingSize"} <= set(bound)
+    assert {"referenceVolume", "movingVolume", "foregroundOpacity", "showGrid", "workingSpacing", "keepTemporaryFiles",
+            "placeMovingUnderTransform", "fitViews"} <= set(bound)
 
 
 def test_parameter_node_fields_used_by_the_widget_exist(module_source, module_ast):
@@ -131,8 +133,9 @@ def test_module_classes_follow_the_scripted_module_template(module_ast):
     assert bases["UniFuseSlicerTest"] == ["ScriptedLoadableModuleTest"]
     init = next(n for n in module_ast.body if isinstance(n, ast.ClassDef) and n.name == "UniFuseSlicer").body[1]
     assignments = {ast.unparse(a.targets[0]): a.value for a in ast.walk(init) if isinstance(a, ast.Assign)}
-    assert ast.literal_eval(assignments["self.parent.title"]) == "UniFuse"
-    assert ast.literal_eval(assignments["self.parent.categories"]) == ["Registration"]
+    # title and category go through Slicer's translation functions: _("UniFuse"), translate(context, "Registration")
+    assert ast.unparse(assignments["self.parent.title"]) == "_('UniFuse')"
+    assert ast.unparse(assignments["self.parent.categories"]) == "[translate('qSlicerAbstractCoreModule', 'Registration')]"
     assert ast.literal_eval(assignments["self.parent.contributors"])
     help_text = ast.unparse(assignments["self.parent.helpText"])
     assert "CITATION" in help_text and "UniFuseSlicerLogic().process" in help_text
@@ -190,7 +193,9 @@ add_subdirectory("{MODULE_DIR.as_posix()}" module)
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("git") is None, reason="needs cmake and git")
-def test_cmake_packages_every_module_file(tmp_path):
+def test_cmake_packages_the_module_and_its_resources(tmp_path):
+    """The shell, every file of the MRML glue library, the UI, icon, weights and sample data are packaged;
+    which core modules ship is checked against what inference imports in test_slicer_packaging.py."""
     scripts, resources, name, unittest = _cmake_packaged_files(tmp_path)
     assert name == "UniFuseSlicer" and unittest == "SCRIPT;UniFuseSlicer.py"
     assert all(s.endswith(".py") for s in scripts) and not any(r.endswith(".py") for r in resources)
@@ -198,8 +203,9 @@ def test_cmake_packages_every_module_file(tmp_path):
     assert len(packaged) == len(scripts) + len(resources), "a file is listed twice"
     for f in packaged:
         assert (MODULE_DIR / f).is_file(), f"CMakeLists.txt lists a missing file: {f}"
-    expected = _git_source_files() - {"CMakeLists.txt"}
-    assert not expected - packaged, f"files not packaged: {sorted(expected - packaged)}"
+    source = _git_source_files() - {"CMakeLists.txt"}
+    outside_core = {f for f in source if not f.startswith("unifuse/") and not f.startswith("unifuse.egg-info/")}
+    assert not outside_core - packaged, f"files not packaged: {sorted(outside_core - packaged)}"
     assert "unifuse/pipeline.py" in scripts and "unifuse/cli.py" in scripts  # the core ships with the module
     assert {"UniFuseSlicer.py", "Resources/UI/UniFuseSlicer.ui", "Resources/Icons/UniFuseSlicer.png"} <= packaged
 

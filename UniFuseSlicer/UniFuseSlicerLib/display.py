@@ -42,6 +42,8 @@ __all__ = [
     "legend_display_nodes",
     "show_deformation_grid",
     "default_grid_spacing_mm",
+    "slice_nodes",
+    "fit_slice_views",
 ]
 
 COLOR_TABLE_ATTRIBUTE = "UniFuse.ColorTable"
@@ -115,8 +117,14 @@ def ensure_color_table(scene: "slicer.vtkMRMLScene", kind: str) -> "slicer.vtkMR
 
 
 def _display_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> "slicer.vtkMRMLScalarVolumeDisplayNode":
+    """The volume's display node; a new one has automatic window/level *off* (``CreateDefaultDisplayNodes``
+    would first compute a histogram of the whole volume, seconds at 256^3, for a window set right after)."""
     if volume_node.GetDisplayNode() is None:
-        volume_node.CreateDefaultDisplayNodes()
+        scene = volume_node.GetScene()
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.AutoWindowLevelOff()
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+        volume_node.SetAndObserveDisplayNodeID(display.GetID())
     return volume_node.GetDisplayNode()
 
 
@@ -281,3 +289,91 @@ def show_deformation_grid(
     display.EndModify(was_modifying)
     return display
 
+
+
+def slice_nodes(scene: "slicer.vtkMRMLScene") -> List["slicer.vtkMRMLSliceNode"]:
+    """All slice nodes of the scene (one per 2-D view)."""
+    return [
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode"))
+    ]
+
+
+def _volume_ras_corners(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
+    """(8, 3) RAS positions of the outer corners of the volume's voxel grid (world: with parent transforms)."""
+    import vtk
+
+    dims = volume_node.GetImageData().GetDimensions()
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None and parent.IsTransformToWorldLinear():
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        matrix = np.array([[to_world.GetElement(r, c) for c in range(4)] for r in range(4)]) @ matrix
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, dims[0] - 0.5) for j in (-0.5, dims[1] - 0.5)
+                        for k in (-0.5, dims[2] - 0.5)])
+    return (matrix @ corners.T).T[:, :3]
+
+
+def fit_slice_views(
+    scene: "slicer.vtkMRMLScene",
+    volume_node: "slicer.vtkMRMLVolumeNode",
+    rotate: bool = True,
+    slice_logics: Sequence["slicer.vtkMRMLSliceLogic"] = (),
+) -> List["slicer.vtkMRMLSliceNode"]:
+    """Rotate every slice view to the volume's closest axes and fit it to the whole volume.
+
+    Rotation (``vtkMRMLSliceNode.RotateToVolumePlane``) keeps an oblique reference from being shown as a
+    tilted, clipped slab. The fit uses Slicer's own ``vtkMRMLSliceLogic.FitSliceToVolume`` for views that
+    have a slice logic in ``slice_logics`` (in Slicer: the layout manager's), and otherwise the same
+    computation on the slice node: field of view = the volume's extent across the view (keeping the view's
+    aspect ratio), centred on the volume, one slice thick.
+
+    Returns:
+        The slice nodes that were changed.
+    """
+    if volume_node is None or volume_node.GetImageData() is None:
+        return []
+    logics = {}
+    for logic in slice_logics or ():
+        node = logic.GetSliceNode() if logic is not None else None
+        if node is not None:
+            logics[node.GetID()] = logic
+    corners = _volume_ras_corners(volume_node)
+    center = 0.5 * (corners.min(axis=0) + corners.max(axis=0))
+    import vtk
+
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    columns = np.array([[ijk_to_ras.GetElement(r, c) for c in range(3)] for r in range(3)])  # voxel axes (RAS mm)
+    nodes = slice_nodes(scene)
+    for slice_node in nodes:
+        was_modifying = slice_node.StartModify()
+        if rotate:
+            slice_node.RotateToVolumePlane(volume_node)
+        width, height = [max(int(d), 1) for d in slice_node.GetDimensions()[:2]]
+        logic = logics.get(slice_node.GetID())
+        if logic is not None:
+            logic.FitSliceToVolume(volume_node, width, height)
+        else:
+            slice_to_ras = slice_node.GetSliceToRAS()
+            axes = np.array([[slice_to_ras.GetElement(r, c) for c in range(3)] for r in range(3)])
+            extent = (corners - center) @ axes  # corners in slice axes (x, y, normal)
+            fov_x, fov_y = (extent.max(axis=0) - extent.min(axis=0))[:2]
+            if fov_x * height > fov_y * width:
+                fov_y = fov_x * height / width
+            else:
+                fov_x = fov_y * width / height
+            for row in range(3):
+                slice_to_ras.SetElement(row, 3, float(center[row]))
+            slice_node.SetXYZOrigin(0.0, 0.0, 0.0)
+            # one voxel thick: the spacing of the volume axis closest to the view's normal
+            lengths = np.linalg.norm(columns, axis=0)
+            closest = int(np.argmax(np.abs(axes[:, 2] @ (columns / lengths))))
+            thickness = lengths[closest]
+            slice_node.SetFieldOfView(float(fov_x), float(fov_y), float(thickness))
+            slice_node.UpdateMatrices()
+        slice_node.EndModify(was_modifying)
+    return nodes

@@ -34,6 +34,8 @@ __all__ = [
     "folder_name",
     "provenance_attributes",
     "create_output_folder",
+    "reusable_output_folder",
+    "update_output_folder",
     "place_in_folder",
     "tag_node",
 ]
@@ -117,6 +119,49 @@ def create_output_folder(
         parent = sh.GetSceneItemID()
     name = folder_name(reference_node.GetName() or "reference", moving_node.GetName() or "moving")
     folder = sh.CreateFolderItem(parent, name)
+    for key, value in attributes.items():
+        sh.SetItemAttribute(folder, key, value)
+    sh.SetItemAttribute(folder, ROLE_ATTRIBUTE, "folder")
+    if report is not None:
+        sh.SetItemAttribute(folder, "UniFuse.Report", _json(dict(report)))
+    return folder
+
+
+def reusable_output_folder(nodes: Iterable[Optional["slicer.vtkMRMLNode"]]) -> Optional[int]:
+    """The UniFuse run folder holding *all* ``nodes`` (the complete output set of one earlier run), else None.
+
+    A rerun that overwrites every output of an earlier run reuses its folder instead of adding a new one.
+    """
+    nodes = list(nodes)
+    if not nodes or any(n is None or n.GetScene() is None for n in nodes):
+        return None
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(nodes[0].GetScene())
+    if sh is None:
+        return None
+    parents = set()
+    for node in nodes:
+        item = sh.GetItemByDataNode(node)
+        if item == sh.GetInvalidItemID():
+            return None
+        parents.add(sh.GetItemParent(item))
+    if len(parents) != 1:
+        return None
+    folder = parents.pop()
+    if folder in (sh.GetInvalidItemID(), sh.GetSceneItemID()) or sh.GetItemAttribute(folder, ROLE_ATTRIBUTE) != "folder":
+        return None
+    return int(folder)
+
+
+def update_output_folder(
+    folder: int,
+    reference_node: "slicer.vtkMRMLNode",
+    moving_node: "slicer.vtkMRMLNode",
+    attributes: Mapping[str, str],
+    report: Optional[Mapping[str, Any]] = None,
+) -> int:
+    """Rename and re-tag an existing run folder for a rerun that overwrites its outputs."""
+    sh = _subject_hierarchy(reference_node.GetScene())
+    sh.SetItemName(folder, folder_name(reference_node.GetName() or "reference", moving_node.GetName() or "moving"))
     for key, value in attributes.items():
         sh.SetItemAttribute(folder, key, value)
     sh.SetItemAttribute(folder, ROLE_ATTRIBUTE, "folder")

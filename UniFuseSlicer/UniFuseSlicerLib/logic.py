@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -44,12 +44,14 @@ import SimpleITK as sitk
 
 import slicer
 from unifuse.errors import CancelledError, GeometryError, InputImageError, UniFuseError
-from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE, FusionResult  # file names written by FusionResult.save / the CLI
+from unifuse.options import FuseOptions
+from unifuse.pipeline import IMAGE_OUTPUT_FILES, OUTPUT_FILES, REPORT_FILE, FusionResult  # file names written by FusionResult.save / the CLI
 
 from . import display, hierarchy
 from .background import CliProcess
+from .workdir import keep_temporary_files_requested, make_work_dir, remove_work_dir
 from .transforms import displacement_to_grid_transform, displacement_to_grid_transform_node
-from .volumes import image_to_volume_node, volume_node_to_image
+from .volumes import image_data_from_image, image_to_volume_node, volume_node_geometry, volume_node_to_image
 
 __all__ = [
     "VOLUME_ROLES",
@@ -61,6 +63,9 @@ __all__ = [
     "FusionLogic",
     "BackgroundFusion",
     "build_cli_command",
+    "read_cli_outputs",
+    "prepare_cli_outputs",
+    "PreparedOutputs",
     "cli_environment",
     "python_executable",
     "core_package_parent",
@@ -105,6 +110,33 @@ class OutputNodes:
 
     def get(self, role: str) -> Optional[Any]:
         return getattr(self, role)
+
+    @classmethod
+    def from_nodes(cls, nodes: Optional["FusionNodes"], exclude: Tuple[Any, ...] = ()) -> "OutputNodes":
+        """The output nodes of an earlier run, to update them in place ("update the previous result").
+
+        Roles whose node was deleted from its scene, or that is in ``exclude`` (e.g. the new run's inputs:
+        an earlier fused volume picked as the next moving volume), are left None (a new node is created).
+        """
+        if nodes is None:
+            return cls()
+        kept = {}
+        for role in ROLES:
+            node = nodes.node(role)
+            scene = node.GetScene() if node is not None else None
+            if node is None or scene is None or not scene.IsNodePresent(node) or any(node is n for n in exclude):
+                continue
+            kept[role] = node
+        return cls(**kept)
+
+    def merged(self, fallback: "OutputNodes") -> "OutputNodes":
+        """These selections, with ``fallback``'s node for every role left None here."""
+        return OutputNodes(**{role: self.get(role) if self.get(role) is not None else fallback.get(role)
+                              for role in ROLES})
+
+    def count(self) -> int:
+        """Number of roles with a node."""
+        return sum(self.get(role) is not None for role in ROLES)
 
 
 @dataclass
@@ -205,18 +237,46 @@ def _validate_outputs(outputs: "OutputNodes", reference_node: Any, moving_node: 
             raise InputImageError(f"the {role} output cannot overwrite an input volume; choose 'create new'")
 
 
-def _json_safe_options(options: Mapping[str, Any]) -> Dict[str, Any]:
-    """Options as recorded in node attributes: callables dropped, configs by name, paths as strings."""
-    safe: Dict[str, Any] = {}
-    for key, value in options.items():
-        if callable(value):
-            continue
-        if hasattr(value, "name") and hasattr(value, "to_dict"):  # ModelConfig
-            value = value.name
-        elif isinstance(value, Path):
-            value = str(value)
-        safe[key] = value
-    return safe
+def unifuse_transform_parent(node: Any) -> Optional[Any]:
+    """The UniFuse displacement output ``node`` was placed under (to show it aligned), else None."""
+    parent = node.GetParentTransformNode() if node is not None else None
+    if parent is not None and parent.GetAttribute(hierarchy.ROLE_ATTRIBUTE) == "displacement":
+        return parent
+    return None
+
+
+def input_image(node: Any, role: str) -> sitk.Image:
+    """The input volume as the core must see it: with its (linear) parent transforms, except a UniFuse
+    displacement output the volume was placed under by an earlier run — that one shows an earlier result,
+    it is not a pre-alignment, so a rerun starts from the volume itself again."""
+    _require_volume(node, role)
+    shown_by = unifuse_transform_parent(node)
+    if shown_by is None:
+        return volume_node_to_image(node)
+    if shown_by.GetParentTransformNode() is not None:
+        raise GeometryError(
+            f"the {role} volume '{node.GetName()}' is under the UniFuse transform '{shown_by.GetName()}', which is "
+            f"itself under another transform; remove the {role} volume from the UniFuse transform first"
+        )
+    return volume_node_to_image(node, world=False)
+
+
+def input_geometry(node: Any, role: str) -> Tuple[Tuple[int, ...], Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
+    """``(size, origin, spacing, direction)`` (LPS) of :func:`input_image` without copying the voxels."""
+    _require_volume(node, role)
+    shown_by = unifuse_transform_parent(node)
+    return volume_node_geometry(node, world=shown_by is None)
+
+
+@dataclass
+class PreparedOutputs:
+    """A CLI run's outputs made ready for the scene off the GUI thread (:func:`prepare_cli_outputs`): images
+    on the exact reference grid, the report, the RAS grid transform and the voxel copies for the nodes."""
+
+    images: Dict[str, sitk.Image]
+    report: Dict[str, Any]
+    grid_transform: Any
+    image_data: Dict[str, Any]
 
 
 class FusionLogic:
@@ -226,10 +286,13 @@ class FusionLogic:
         scene: the ``vtkMRMLScene`` holding the input volumes; outputs are added to it.
     """
 
-    def __init__(self, scene: "slicer.vtkMRMLScene") -> None:
+    def __init__(self, scene: "slicer.vtkMRMLScene", slice_logics: Optional[Callable[[], List[Any]]] = None) -> None:
         if scene is None:
             raise ValueError("FusionLogic needs a MRML scene")
         self.scene = scene
+        #: Optional provider of the application's ``vtkMRMLSliceLogic`` objects (in Slicer: the layout
+        #: manager's); used by ``show_result(fit=True)`` to fit the views with Slicer's own slice logic.
+        self.slice_logics = slice_logics
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -257,7 +320,8 @@ class FusionLogic:
             progress: ``progress(fraction, message)``, fraction in [0, 1].
             outputs: existing nodes to overwrite (per role); default: new nodes for every output.
             show: set the slice views to reference (background) + fused (foreground, opacity 0.5).
-            **options: passed to ``unifuse.fuse`` (``working_size``, ``config``, ``init``, ``cancel``, ...).
+            **options: further :class:`unifuse.options.FuseOptions` fields (``spacing_mm``, ``refine``,
+                ``affine``, ``config``, ...), and ``cancel`` / ``model`` for ``unifuse.fuse``.
 
         Returns:
             :class:`FusionNodes` of the new (or overwritten) output nodes.
@@ -270,14 +334,13 @@ class FusionLogic:
 
         _require_inputs(reference_node, moving_node)
         _validate_outputs(outputs or OutputNodes(), reference_node, moving_node)
-        reference_image = volume_node_to_image(reference_node)
-        moving_image = volume_node_to_image(moving_node)
-        result = unifuse.fuse(
-            reference_image, moving_image, degradation=degradation, device=device, weights=weights,
-            progress=progress, **options,
-        )
-        recorded = {"degradation": degradation, "device": device, "weights": str(weights) if weights else None,
-                    **_json_safe_options(options), "mode": "in-process"}
+        reference_image = input_image(reference_node, "reference")
+        moving_image = input_image(moving_node, "moving")
+        cancel, model = options.pop("cancel", None), options.pop("model", None)
+        fuse_options = FuseOptions(degradation=degradation, device=device, weights=weights, **options)
+        result = unifuse.fuse(reference_image, moving_image, fuse_options, progress=progress, cancel=cancel,
+                              model=model)
+        recorded = {**fuse_options.to_dict(), "mode": "in-process"}
         nodes = self.add_result(result, reference_node, moving_node, recorded, outputs)
         if show:
             self.show_result(nodes)
@@ -290,21 +353,28 @@ class FusionLogic:
         degradation: str = "auto",
         device: str = "auto",
         weights: Union[None, str, Path] = None,
-        working_size: Optional[int] = None,
-        config: Optional[str] = None,
         on_progress: Optional[ProgressFn] = None,
         on_log: Optional[Callable[[str], None]] = None,
         outputs: Optional[OutputNodes] = None,
         python: Optional[str] = None,
+        keep_temporary_files: bool = False,
+        **options: Any,
     ) -> "BackgroundFusion":
-        """Start a background run (see :class:`BackgroundFusion`); poll it until it returns the nodes."""
+        """Start a background run (see :class:`BackgroundFusion`); poll it until it returns the nodes.
+
+        ``options`` are further :class:`unifuse.options.FuseOptions` fields (``spacing_mm``, ``refine``,
+        ``affine``, ``config``, ...); they are validated here, before anything is exported.
+        ``keep_temporary_files`` (developer switch; also the environment variable
+        ``UNIFUSE_KEEP_TEMPORARY_FILES=1``) keeps the run's temporary folder instead of deleting it.
+        """
         _require_inputs(reference_node, moving_node)
         _validate_outputs(outputs or OutputNodes(), reference_node, moving_node)
         run = BackgroundFusion(
             self, reference_node, moving_node,
-            options={"degradation": degradation, "device": device, "weights": str(weights) if weights else None,
-                     "working_size": working_size, "config": config},
+            options=FuseOptions(degradation=degradation, device=device, weights=str(weights) if weights else None,
+                                **options),
             on_progress=on_progress, on_log=on_log, outputs=outputs, python=python,
+            keep_temporary_files=keep_temporary_files or keep_temporary_files_requested(),
         )
         run.start()
         return run
@@ -318,11 +388,13 @@ class FusionLogic:
         moving_node: "slicer.vtkMRMLScalarVolumeNode",
         options: Optional[Mapping[str, Any]] = None,
         outputs: Optional[OutputNodes] = None,
+        prepared: Optional[PreparedOutputs] = None,
     ) -> FusionNodes:
         """Add a ``unifuse.FusionResult`` (or any object with the same fields) to the scene.
 
         All-or-nothing: every image, the field and the selected output nodes are validated before the scene is
-        touched; nodes created here are removed again if adding still fails.
+        touched; nodes created here are removed again if adding still fails. ``prepared``: the grid transform
+        and voxel copies of these images, already built on a worker thread (:func:`prepare_cli_outputs`).
         """
         outputs = outputs or OutputNodes()
         _validate_outputs(outputs, reference_node, moving_node)
@@ -330,7 +402,10 @@ class FusionLogic:
             image = getattr(result, role)
             if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
                 raise InputImageError(f"the '{role}' output is not a 3-D scalar image")
-        grid_transform = displacement_to_grid_transform(result.displacement)  # validates the field
+        if prepared is not None:
+            grid_transform = prepared.grid_transform
+        else:
+            grid_transform = displacement_to_grid_transform(result.displacement)  # validates the field
 
         report = dict(getattr(result, "report", {}) or {})
         attributes = hierarchy.provenance_attributes(
@@ -339,13 +414,18 @@ class FusionLogic:
         base = moving_node.GetName() or "moving"
         ids_before = set(_node_ids(self.scene))
         folder_item: Optional[int] = None
+        # Every output overwrites a node of one earlier run ("update the previous result"): keep that run's
+        # folder, so a rerun adds nothing to the scene or the subject hierarchy.
+        reused_folder = hierarchy.reusable_output_folder([outputs.get(role) for role in ROLES])
         self.scene.StartState(slicer.vtkMRMLScene.BatchProcessState)
         try:
             nodes: Dict[str, Any] = {}
             for role in VOLUME_ROLES:
                 existing = outputs.get(role)
                 nodes[role] = image_to_volume_node(getattr(result, role), self.scene,
-                                                   f"{base} {_NAME_SUFFIX[role]}", node=existing)
+                                                   f"{base} {_NAME_SUFFIX[role]}", node=existing,
+                                                   create_display_node=role in ("fused", "aligned"),
+                                                   image_data=prepared.image_data.get(role) if prepared else None)
             transform_node = displacement_to_grid_transform_node(
                 None, self.scene, f"{base} {_NAME_SUFFIX['displacement']}", node=outputs.get("displacement"),
                 transform=grid_transform,
@@ -361,12 +441,16 @@ class FusionLogic:
 
             for role, node in nodes.items():
                 hierarchy.tag_node(node, role, attributes)
-            folder_item = hierarchy.create_output_folder(reference_node, moving_node, attributes, report)
+            if reused_folder is not None:
+                hierarchy.update_output_folder(reused_folder, reference_node, moving_node, attributes, report)
+                folder_item = reused_folder
+            else:
+                folder_item = hierarchy.create_output_folder(reference_node, moving_node, attributes, report)
             hierarchy.place_in_folder([nodes[r] for r in ROLES], folder_item)
         except Exception:
-            # Roll back: the folder item, then every node this call added (outputs, display, legend, colour
-            # table and storage nodes).
-            if folder_item is not None:
+            # Roll back: the folder item (when this call created it), then every node this call added
+            # (outputs, display, legend, colour table and storage nodes).
+            if folder_item is not None and folder_item != reused_folder:
                 sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
                 sh.RemoveItem(folder_item, False, False)
             for node_id in reversed([i for i in _node_ids(self.scene) if i not in ids_before]):
@@ -387,9 +471,14 @@ class FusionLogic:
         overlay: str = "fused",
         opacity: float = 0.5,
         show_grid: Optional[bool] = None,
+        fit: bool = False,
     ) -> None:
         """Slice views: reference underneath, the ``overlay`` output on top with ``opacity``; legends of
-        colour-mapped overlays visible; the deformation grid shown/hidden when ``show_grid`` is given."""
+        colour-mapped overlays visible; the deformation grid shown/hidden when ``show_grid`` is given.
+
+        ``fit``: also rotate every slice view to the reference's closest axes (an oblique reference is shown
+        in its own planes) and fit it to the reference (:func:`display.fit_slice_views`).
+        """
         if overlay not in VOLUME_ROLES:
             raise ValueError(f"overlay must be one of {VOLUME_ROLES}; got {overlay!r}")
         display.show_slice_layers(
@@ -398,6 +487,27 @@ class FusionLogic:
         )
         if show_grid is not None:
             display.show_deformation_grid(nodes.displacement, nodes.reference, visible=show_grid)
+        if fit:
+            logics = list(self.slice_logics() or []) if self.slice_logics is not None else []
+            display.fit_slice_views(self.scene, nodes.reference, rotate=True, slice_logics=logics)
+
+    def place_under_transform(self, nodes: FusionNodes) -> None:
+        """Put the moving volume under the run's displacement transform, so Slicer shows it aligned (like
+        SlicerElastix's output transform). Only on explicit request: the moving volume's voxels stay as they
+        are, only its parent transform changes (undo: Transforms or Data module, or
+        ``moving.SetAndObserveTransformNodeID(None)``).
+
+        Raises:
+            GeometryError: the moving volume is already under another transform (it would be replaced).
+        """
+        moving, transform = nodes.moving, nodes.displacement
+        current = moving.GetParentTransformNode()
+        if current is not None and current is not transform and unifuse_transform_parent(moving) is None:
+            raise GeometryError(
+                f"the moving volume '{moving.GetName()}' is already under the transform '{current.GetName()}'; it "
+                f"was not placed under '{transform.GetName()}' (harden or remove its transform first)"
+            )
+        moving.SetAndObserveTransformNodeID(transform.GetID())
 
     def nodes_from_output(self, output_node: Any) -> Optional[FusionNodes]:
         """Rebuild the :class:`FusionNodes` of a run from any one of its output nodes (e.g. after a scene
@@ -446,13 +556,12 @@ class FusionLogic:
         Returns:
             (reference path, moving path).
         """
-        _require_volume(reference_node, "reference")
-        _require_volume(moving_node, "moving")
+        images = (input_image(reference_node, "reference"), input_image(moving_node, "moving"))
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = (directory / "reference.nrrd", directory / "moving.nrrd")
-        for node, path in zip((reference_node, moving_node), paths):
-            sitk.WriteImage(volume_node_to_image(node), str(path), useCompression=False)
+        for image, path in zip(images, paths):
+            sitk.WriteImage(image, str(path), useCompression=False)
         return paths
 
     def load_cli_outputs(
@@ -473,27 +582,96 @@ class FusionLogic:
             InputImageError: a file is missing or unreadable; GeometryError: an output is not on the
                 reference grid. The scene is unchanged in both cases.
         """
-        out_dir = Path(out_dir)
-        missing = [name for name in [*OUTPUT_FILES.values(), REPORT_FILE] if not (out_dir / name).is_file()]
-        if missing:
-            raise InputImageError(f"the UniFuse run did not write {', '.join(missing)} into {out_dir}; see the log")
-        reference_grid = volume_node_to_image(reference_node)
-        images = {role: _snap_to_grid(sitk.ReadImage(str(out_dir / name)), reference_grid, role)
-                  for role, name in OUTPUT_FILES.items()}
-        images["displacement"] = sitk.Cast(images["displacement"], sitk.sitkVectorFloat64)
-        report = json.loads((out_dir / REPORT_FILE).read_text(encoding="utf-8"))
+        images, report = read_cli_outputs(out_dir)
+        return self.add_cli_outputs(images, report, reference_node, moving_node, options, outputs, show)
+
+    def add_cli_outputs(
+        self,
+        images: Mapping[str, sitk.Image],
+        report: Mapping[str, Any],
+        reference_node: "slicer.vtkMRMLScalarVolumeNode",
+        moving_node: "slicer.vtkMRMLScalarVolumeNode",
+        options: Optional[Mapping[str, Any]] = None,
+        outputs: Optional[OutputNodes] = None,
+        show: bool = True,
+    ) -> FusionNodes:
+        """Add images read by :func:`read_cli_outputs` to the scene; see :meth:`load_cli_outputs`."""
+        prepared = prepare_images(dict(images), dict(report), input_geometry(reference_node, "reference"))
+        return self.add_prepared_outputs(prepared, reference_node, moving_node, options, outputs, show)
+
+    def add_prepared_outputs(
+        self,
+        prepared: PreparedOutputs,
+        reference_node: "slicer.vtkMRMLScalarVolumeNode",
+        moving_node: "slicer.vtkMRMLScalarVolumeNode",
+        options: Optional[Mapping[str, Any]] = None,
+        outputs: Optional[OutputNodes] = None,
+        show: bool = True,
+    ) -> FusionNodes:
+        """Add outputs prepared by :func:`prepare_cli_outputs` (on a worker thread) to the scene; only the MRML
+        part happens here, in the thread that owns the scene."""
+        report = prepared.report
         degradation_info = report.get("degradation", {})
         result = FusionResult(
             degradation=str(degradation_info.get("used", "unknown")),
             probabilities={k: float(v) for k, v in degradation_info.get("probabilities", {}).items()},
             report=report,
-            **images,
+            **prepared.images,
         )
         recorded = {**{k: v for k, v in (options or {}).items() if v is not None}, "mode": "background process"}
-        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs)
+        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs, prepared=prepared)
         if show:
             self.show_result(nodes)
         return nodes
+
+
+def prepare_cli_outputs(out_dir: Union[str, Path], reference_geometry: Tuple[Any, ...]) -> PreparedOutputs:
+    """Everything about a CLI run's outputs that needs no scene, for a worker thread: read and decompress
+    the files (:func:`read_cli_outputs`), put them on the exact reference grid (``reference_geometry`` from
+    :func:`input_geometry`, taken in the GUI thread), build the RAS grid transform and the voxel copies."""
+    images, report = read_cli_outputs(out_dir)
+    return prepare_images(images, report, reference_geometry)
+
+
+def prepare_images(images: Dict[str, sitk.Image], report: Dict[str, Any], reference_geometry: Tuple[Any, ...]) -> PreparedOutputs:
+    """:func:`prepare_cli_outputs` for images already in memory (modified in place: snapped to the grid)."""
+    snapped = {role: _snap_to_grid(images[role], reference_geometry, role) for role in IMAGE_OUTPUT_FILES}
+    for role in VOLUME_ROLES:
+        image = snapped[role]
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputImageError(f"the '{role}' output is not a 3-D scalar image")
+    return PreparedOutputs(
+        images=snapped,
+        report=dict(report),
+        grid_transform=displacement_to_grid_transform(snapped["displacement"]),
+        image_data={role: image_data_from_image(snapped[role]) for role in VOLUME_ROLES},
+    )
+
+
+def read_cli_outputs(out_dir: Union[str, Path]) -> Tuple[Dict[str, sitk.Image], Dict[str, Any]]:
+    """Read the files a CLI run wrote into ``out_dir`` (:data:`OUTPUT_FILES` + ``report.json``).
+
+    Touches no MRML node, so it may run on a worker thread: SimpleITK releases the GIL while it reads and
+    decompresses, and the GUI stays responsive (``BackgroundFusion`` does this).
+
+    Raises:
+        InputImageError: a file is missing or unreadable.
+    """
+    out_dir = Path(out_dir)
+    missing = [name for name in [*OUTPUT_FILES.values(), REPORT_FILE] if not (out_dir / name).is_file()]
+    if missing:
+        raise InputImageError(f"the UniFuse run did not write {', '.join(missing)} into {out_dir}; see the log")
+    images = {}
+    for role, name in IMAGE_OUTPUT_FILES.items():
+        try:
+            images[role] = sitk.ReadImage(str(out_dir / name))
+        except RuntimeError as error:
+            raise InputImageError(f"cannot read the {role} output {out_dir / name}: {error}") from error
+    try:
+        report = json.loads((out_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputImageError(f"cannot read {out_dir / REPORT_FILE}: {error}") from error
+    return images, report
 
 
 def _node_ids(scene: "slicer.vtkMRMLScene") -> List[str]:
@@ -510,23 +688,31 @@ def _item_children(sh: "slicer.vtkMRMLSubjectHierarchyNode", folder: int) -> Lis
     return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
 
 
-def _snap_to_grid(image: sitk.Image, grid: sitk.Image, role: str) -> sitk.Image:
-    """``image`` with ``grid``'s exact origin/spacing/direction; GeometryError if they differ beyond tolerance."""
-    if tuple(image.GetSize()) != tuple(grid.GetSize()):
-        raise GeometryError(f"the {role} output has size {image.GetSize()} but the reference has {grid.GetSize()}; "
+def _snap_to_grid(image: sitk.Image, grid: Union[sitk.Image, Tuple[Any, ...]], role: str) -> sitk.Image:
+    """``image`` given the reference grid's exact origin/spacing/direction (in place: the images were just read
+    for this, and copying 256^3 costs seconds); GeometryError if they differ beyond :data:`GRID_TOLERANCE`.
+
+    ``grid``: an image, or ``(size, origin, spacing, direction)`` as from :func:`input_geometry`.
+    """
+    if isinstance(grid, sitk.Image):
+        grid = (grid.GetSize(), grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())
+    size, origin, spacing, direction = grid
+    if tuple(image.GetSize()) != tuple(size):
+        raise GeometryError(f"the {role} output has size {image.GetSize()} but the reference has {tuple(size)}; "
                             f"the output folder belongs to another reference volume")
     checks = {
-        "origin": (image.GetOrigin(), grid.GetOrigin()),
-        "spacing": (image.GetSpacing(), grid.GetSpacing()),
-        "direction": (image.GetDirection(), grid.GetDirection()),
+        "origin": (image.GetOrigin(), origin),
+        "spacing": (image.GetSpacing(), spacing),
+        "direction": (image.GetDirection(), direction),
     }
     for what, (a, b) in checks.items():
         if not np.allclose(a, b, atol=GRID_TOLERANCE, rtol=0.0):
             raise GeometryError(f"the {role} output's {what} {tuple(np.round(a, 4))} differs from the reference's "
                                 f"{tuple(np.round(b, 4))}; the output folder belongs to another reference volume")
-    snapped = sitk.Image(image)
-    snapped.CopyInformation(grid)
-    return snapped
+    image.SetOrigin(tuple(origin))
+    image.SetSpacing(tuple(spacing))
+    image.SetDirection(tuple(direction))
+    return image
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -561,11 +747,7 @@ def build_cli_command(
     reference_path: Union[str, Path],
     moving_path: Union[str, Path],
     out_dir: Union[str, Path],
-    degradation: str = "auto",
-    device: str = "auto",
-    weights: Union[None, str, Path] = None,
-    working_size: Optional[int] = None,
-    config: Optional[str] = None,
+    options: Optional[FuseOptions] = None,
     overwrite: bool = False,
     python: Optional[str] = None,
 ) -> List[str]:
@@ -573,27 +755,16 @@ def build_cli_command(
 
     Args:
         reference_path, moving_path: input files; out_dir: output folder (the CLI writes :data:`OUTPUT_FILES`).
-        degradation, device, weights, working_size, config: as for ``unifuse.fuse`` (None = CLI default).
+        options: :class:`unifuse.options.FuseOptions` (default: the CLI's defaults), turned into flags by
+            :meth:`~unifuse.options.FuseOptions.to_cli_args`.
         overwrite: pass ``--overwrite``.
         python: interpreter; default :func:`python_executable`.
     """
-    from .options import degradation_values
-
-    if degradation not in degradation_values():
-        raise UniFuseError(f"unknown degradation {degradation!r}; use one of {degradation_values()}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UniFuseError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'")
     command = [
         python or python_executable(), "-m", "unifuse.cli", "fuse",
         "--reference", str(reference_path), "--moving", str(moving_path), "--out", str(out_dir),
-        "--degradation", degradation, "--device", device,
+        *(options or FuseOptions()).to_cli_args(),
     ]
-    if weights:
-        command += ["--weights", str(weights)]
-    if working_size:
-        command += ["--working-size", str(int(working_size))]
-    if config:
-        command += ["--config", str(config)]
     if overwrite:
         command.append("--overwrite")
     command.append("--machine-progress")
@@ -601,12 +772,14 @@ def build_cli_command(
 
 
 class BackgroundFusion:
-    """One background run: export inputs -> CLI child process -> load outputs; poll from a GUI timer.
+    """One background run: export inputs -> CLI child process -> read outputs -> add nodes; poll from a GUI timer.
 
     ``poll()`` returns None while running, the :class:`FusionNodes` on success, and raises
-    :class:`~unifuse.errors.UniFuseError` (or CancelledError) on failure; the temporary folder is removed
-    when the run ends either way. Progress is reported as: 0-2 % export, 2-95 % the CLI's own fractions,
-    95-100 % loading.
+    :class:`~unifuse.errors.UniFuseError` (or CancelledError) on failure. It never blocks: the child process
+    tree runs on its own, the output files are read (and decompressed) on a worker thread, and only adding
+    the nodes happens in the polling thread. The temporary folder (under Slicer's temporary folder, see
+    :mod:`.workdir`) is removed when the run ends either way, unless ``keep_temporary_files``.
+    Progress: 0-2 % export, 2-95 % the CLI's own fractions, 95-98 % reading the outputs, 98-100 % adding them.
     """
 
     def __init__(
@@ -614,47 +787,56 @@ class BackgroundFusion:
         logic: FusionLogic,
         reference_node: Any,
         moving_node: Any,
-        options: Mapping[str, Any],
+        options: FuseOptions,
         on_progress: Optional[ProgressFn] = None,
         on_log: Optional[Callable[[str], None]] = None,
         outputs: Optional[OutputNodes] = None,
         python: Optional[str] = None,
+        keep_temporary_files: bool = False,
+        show: bool = True,
     ) -> None:
         self.logic = logic
         self.reference_node = reference_node
         self.moving_node = moving_node
-        self.options = dict(options)
+        self.options = options
         self.on_progress = on_progress
         self.on_log = on_log
         self.outputs = outputs
         self.python = python
+        self.keep_temporary_files = keep_temporary_files
+        self.show = show
         self.work_dir: Optional[Path] = None
         self.process: Optional[CliProcess] = None
         self.result: Optional[FusionNodes] = None
         self.finished = False
+        self.cancel_requested = False
         self._fraction = 0.0
+        self._reader: Optional[threading.Thread] = None
+        self._prepared: Optional[PreparedOutputs] = None
+        self._read_error: Optional[BaseException] = None
 
     def _progress(self, fraction: float, message: str) -> None:
         self._fraction = max(self._fraction, min(float(fraction), 1.0))  # never goes backwards
         if self.on_progress is not None:
             self.on_progress(self._fraction, message)
 
+    def _log(self, text: str) -> None:
+        if self.on_log is not None:
+            self.on_log(text)
+
     def start(self) -> None:
-        self.work_dir = Path(tempfile.mkdtemp(prefix="UniFuse-"))
+        self.work_dir = make_work_dir()
         try:
             self._progress(0.0, "writing the input volumes")
             reference_path, moving_path = self.logic.export_inputs(self.reference_node, self.moving_node,
                                                                    self.work_dir / "inputs")
-            command = build_cli_command(
-                reference_path, moving_path, self.work_dir / "outputs",
-                degradation=self.options.get("degradation") or "auto", device=self.options.get("device") or "auto",
-                weights=self.options.get("weights"), working_size=self.options.get("working_size"),
-                config=self.options.get("config"), python=self.python,
-            )
-            if self.on_log is not None:
-                self.on_log("Running: " + " ".join(command))
+            command = build_cli_command(reference_path, moving_path, self.work_dir / "outputs", self.options,
+                                        python=self.python)
+            self._log("Running: " + " ".join(command))
+            if self.keep_temporary_files:
+                self._log(f"Temporary files are kept in {self.work_dir}")
             self.process = CliProcess(
-                command, env=cli_environment(),
+                command, env=cli_environment(), cwd=str(self.work_dir),
                 on_progress=lambda f, m: self._progress(0.02 + 0.93 * f, m), on_log=self.on_log,
             )
             self.process.start()
@@ -662,31 +844,68 @@ class BackgroundFusion:
             self._cleanup()
             raise
 
+    @property
+    def running(self) -> bool:
+        """True until :meth:`poll` has reported the end of the run."""
+        return self.process is not None and not self.finished
+
     def poll(self) -> Optional[FusionNodes]:
         if self.finished:
             return self.result
         if self.process is None:
             raise RuntimeError("poll() before start()")
-        code = self.process.poll()
-        if code is None:
+        if self._reader is None:
+            code = self.process.poll()
+            if code is None:
+                return None
+            try:
+                if self.process.cancelled or self.cancel_requested:
+                    raise CancelledError("cancelled by the user; the scene is unchanged")
+                if code != 0:
+                    raise UniFuseError(f"UniFuse failed: {self.process.error_message()}")
+            except Exception:
+                self._end()
+                raise
+            self._progress(0.95, "reading the outputs")
+            try:
+                geometry = input_geometry(self.reference_node, "reference")  # MRML: read here, in the GUI thread
+            except Exception:
+                self._end()
+                raise
+            self._reader = threading.Thread(target=self._read_outputs, args=(geometry,), daemon=True,
+                                            name="UniFuse output reader")
+            self._reader.start()
             return None
-        self.finished = True
+        if self._reader.is_alive():
+            return None
         try:
-            if self.process.cancelled:
+            if self.cancel_requested:
                 raise CancelledError("cancelled by the user; the scene is unchanged")
-            if code != 0:
-                raise UniFuseError(f"UniFuse failed: {self.process.error_message()}")
-            self._progress(0.95, "loading the outputs")
-            self.result = self.logic.load_cli_outputs(
-                self.work_dir / "outputs", self.reference_node, self.moving_node, self.options, self.outputs
+            if self._read_error is not None:
+                raise self._read_error
+            self._progress(0.98, "adding the outputs to the scene")
+            self.result = self.logic.add_prepared_outputs(
+                self._prepared, self.reference_node, self.moving_node,
+                {**self.options.to_dict(), "mode": "background"}, self.outputs, show=self.show,
             )
             self._progress(1.0, "done")
             return self.result
         finally:
-            self._cleanup()
+            self._end()
+
+    def _read_outputs(self, geometry: Tuple[Any, ...]) -> None:
+        """Worker thread: read, decompress, snap, build the grid transform and the voxel copies (no MRML)."""
+        try:
+            self._prepared = prepare_cli_outputs(self.work_dir / "outputs", geometry)
+        except BaseException as error:  # noqa: BLE001 - handed to the polling thread
+            self._read_error = error
 
     def cancel(self) -> None:
-        """Stop the child process; the next :meth:`poll` raises CancelledError and nothing is added."""
+        """Stop the child process tree without waiting; the next :meth:`poll` calls raise CancelledError once
+        it has ended (or, while the outputs are being read, once reading stopped) and nothing is added."""
+        if self.finished:
+            return
+        self.cancel_requested = True
         if self.process is not None:
             self.process.cancel()
 
@@ -702,12 +921,22 @@ class BackgroundFusion:
             if timeout is not None and time.monotonic() - start > timeout:
                 self.cancel()
                 try:
-                    self.poll()
+                    while self.poll() is None:
+                        time.sleep(interval)
                 except CancelledError:
                     pass
                 raise UniFuseError(f"the UniFuse process did not finish within {timeout} s and was stopped")
             time.sleep(interval)
 
+    def _end(self) -> None:
+        self.finished = True
+        self._prepared = None
+        self._cleanup()
+
     def _cleanup(self) -> None:
-        if self.work_dir is not None:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self.work_dir is None:
+            return
+        if self.keep_temporary_files:
+            self._log(f"Temporary files kept in {self.work_dir} (developer setting)")
+            return
+        remove_work_dir(self.work_dir)

@@ -1,22 +1,33 @@
-"""Choices offered by the module GUI (degradation, device, overlay), as plain data with labels.
+"""Choices offered by the module GUI (degradation, device, overlay, outputs), as plain data with labels.
 
 Values are exactly the strings the core (``unifuse.fuse``) and its CLI accept; labels are what the GUI
-shows. Nothing here imports Qt; :func:`device_choices` imports torch only when it is installed.
+shows (the widget shows its own translated labels for the same values). Nothing here imports Qt, and
+nothing here imports torch: the device list is ``auto``/``cpu``/``cuda`` from the start, and the GPU's name
+and memory are filled in by :class:`DeviceProbe`, which asks PyTorch in a *child* process, so opening the
+module never loads torch into Slicer.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from unifuse.config import DEGRADATION_CLASSES
 
 __all__ = [
     "Choice",
     "DEGRADATION_CHOICES",
+    "DEVICE_VALUES",
+    "OUTPUT_MODE_CHOICES",
     "OVERLAY_CHOICES",
+    "DeviceProbe",
+    "GpuInfo",
     "degradation_values",
     "device_choices",
+    "parse_probe_output",
+    "PROBE_SCRIPT",
     "torch_cuda_devices",
 ]
 
@@ -57,8 +68,31 @@ def degradation_values() -> List[str]:
 
 
 
-def torch_cuda_devices() -> List[Tuple[int, str, float]]:
-    """CUDA GPUs visible to PyTorch as (index, name, memory in GiB); empty without torch or without CUDA."""
+#: What a run does with the output nodes of the previous run ("new": new nodes every run; "update": overwrite
+#: the previous run's nodes, so reruns keep the number of nodes in the scene constant).
+OUTPUT_MODE_CHOICES: Tuple[Choice, ...] = (
+    Choice("new", "Create new nodes"),
+    Choice("update", "Update the previous result"),
+)
+
+#: Devices the core and the CLI accept (``cuda`` = the first visible GPU).
+DEVICE_VALUES: Tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One CUDA GPU as PyTorch sees it."""
+
+    index: int
+    name: str
+    memory_gib: float
+
+
+def torch_cuda_devices() -> List[GpuInfo]:
+    """CUDA GPUs visible to PyTorch **in this process** (imports torch); empty without torch or CUDA.
+
+    The module never calls this in Slicer's process (see :class:`DeviceProbe`); the probe's child does.
+    """
     try:
         import torch
     except ImportError:
@@ -68,23 +102,116 @@ def torch_cuda_devices() -> List[Tuple[int, str, float]]:
     devices = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
-        devices.append((index, str(props.name), props.total_memory / 2**30))
+        devices.append(GpuInfo(index, str(props.name), props.total_memory / 2**30))
     return devices
 
 
-def device_choices() -> List[Choice]:
-    """Device combo entries: automatic, CPU, and the first CUDA GPU with its name and memory when present.
+def device_choices(gpus: Optional[Sequence[GpuInfo]] = None) -> List[Choice]:
+    """Device combo entries: ``auto``, ``cpu``, ``cuda``, always in that order.
 
-    The core and the CLI accept ``auto``, ``cpu`` and ``cuda`` (= the first GPU); further GPUs are listed in
-    the GPU entry's label so users know which one is used.
+    Args:
+        gpus: what :class:`DeviceProbe` found; None = not probed yet (generic labels, torch not imported).
+            With GPUs the ``cuda`` entry names the first one with its memory (further GPUs are counted: pick
+            one with ``CUDA_VISIBLE_DEVICES``); with an empty list the labels say no CUDA GPU was found.
     """
-    gpus = torch_cuda_devices()
-    choices = [Choice("auto", "Automatic (GPU if available)" if gpus else "Automatic (CPU: no CUDA GPU found)"),
-               Choice("cpu", "CPU")]
-    if gpus:
-        index, name, memory = gpus[0]
-        label = f"GPU {index}: {name} ({memory:.1f} GiB)"
-        if len(gpus) > 1:
-            label += f" (+{len(gpus) - 1} more; select with CUDA_VISIBLE_DEVICES)"
-        choices.append(Choice("cuda", label))
-    return choices
+    if gpus is None:
+        return [Choice("auto", "Automatic (GPU if available)"), Choice("cpu", "CPU"), Choice("cuda", "GPU (CUDA)")]
+    if not gpus:
+        return [Choice("auto", "Automatic (CPU: no CUDA GPU found)"), Choice("cpu", "CPU"),
+                Choice("cuda", "GPU (CUDA): none found")]
+    first = gpus[0]
+    label = f"GPU {first.index}: {first.name} ({first.memory_gib:.1f} GiB)"
+    if len(gpus) > 1:
+        label += f" (+{len(gpus) - 1} more; select with CUDA_VISIBLE_DEVICES)"
+    return [Choice("auto", "Automatic (GPU if available)"), Choice("cpu", "CPU"), Choice("cuda", label)]
+
+
+#: Run by :class:`DeviceProbe` in a child Python: prints one JSON line, a list of GPUs or null (no torch).
+PROBE_SCRIPT = (
+    "import json\n"
+    "try:\n"
+    "    import torch\n"
+    "except Exception:\n"
+    "    print('UNIFUSE_GPUS null', flush=True)\n"
+    "else:\n"
+    "    gpus = []\n"
+    "    if torch.cuda.is_available():\n"
+    "        for i in range(torch.cuda.device_count()):\n"
+    "            p = torch.cuda.get_device_properties(i)\n"
+    "            gpus.append([i, str(p.name), p.total_memory / 2**30])\n"
+    "    print('UNIFUSE_GPUS ' + json.dumps(gpus), flush=True)\n"
+)
+_PROBE_PREFIX = "UNIFUSE_GPUS "
+
+
+def parse_probe_output(lines: Sequence[str]) -> Optional[List[GpuInfo]]:
+    """GPUs from the probe's output lines; None when torch is missing there or the output is unusable."""
+    for line in reversed(list(lines)):
+        if line.startswith(_PROBE_PREFIX):
+            try:
+                data = json.loads(line[len(_PROBE_PREFIX):])
+            except ValueError:
+                return None
+            if data is None:
+                return None
+            try:
+                return [GpuInfo(int(i), str(name), float(mem)) for i, name, mem in data]
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+class DeviceProbe:
+    """Ask PyTorch for the CUDA GPUs in a child process, without blocking and without importing torch here.
+
+    Start it once (e.g. when the module is first entered), call :meth:`poll` from a GUI timer until it
+    returns True, then read :attr:`gpus` (None when torch is not installed or the probe failed).
+
+    Args:
+        python: interpreter of the child (default: ``logic.python_executable()``, i.e. ``PythonSlicer``).
+        on_done: called with :attr:`gpus` once the probe ended.
+    """
+
+    def __init__(self, python: Optional[str] = None, on_done: Optional[Callable[[Optional[List[GpuInfo]]], None]] = None,
+                 env: Optional[dict] = None) -> None:
+        self.python = python
+        self.on_done = on_done
+        self.env = env
+        self.gpus: Optional[List[GpuInfo]] = None
+        self.done = False
+        self._lines: List[str] = []
+        self._process = None
+
+    def start(self) -> "DeviceProbe":
+        from .background import CliProcess
+
+        python = self.python
+        if python is None:
+            from .logic import python_executable
+
+            python = python_executable()
+        self._process = CliProcess([python, "-c", PROBE_SCRIPT], env=self.env, on_log=self._lines.append)
+        try:
+            self._process.start()
+        except OSError:
+            self._finish()
+        return self
+
+    def poll(self) -> bool:
+        """True once the probe ended (results in :attr:`gpus`); never blocks."""
+        if self.done:
+            return True
+        if self._process is None or self._process.poll() is None:
+            return self._process is None
+        self._finish()
+        return True
+
+    def cancel(self) -> None:
+        if self._process is not None and not self.done:
+            self._process.cancel(grace_s=0)
+
+    def _finish(self) -> None:
+        self.gpus = parse_probe_output(self._lines)
+        self.done = True
+        if self.on_done is not None:
+            self.on_done(self.gpus)

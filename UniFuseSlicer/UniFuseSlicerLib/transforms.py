@@ -42,6 +42,11 @@ __all__ = [
 ]
 
 
+_LPS_TO_RAS_DIAGONAL = np.diag(LPS_TO_RAS).copy()
+if not np.array_equal(np.diag(_LPS_TO_RAS_DIAGONAL), LPS_TO_RAS):
+    raise ImportError("transforms.py expects LPS_TO_RAS to be diagonal")
+
+
 def _field_array(field: sitk.Image) -> np.ndarray:
     """Validated (z, y, x, 3) float64 copy of an LPS displacement field (vector channels x, y, z)."""
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
@@ -49,7 +54,7 @@ def _field_array(field: sitk.Image) -> np.ndarray:
             f"a displacement field must be a 3-D image with 3 components per voxel; got a "
             f"{field.GetDimension()}-D image with {field.GetNumberOfComponentsPerPixel()} component(s)"
         )
-    array = sitk.GetArrayFromImage(field).astype(np.float64, copy=False)
+    array = sitk.GetArrayViewFromImage(field).astype(np.float64)  # one copy, whatever the pixel type
     if not np.all(np.isfinite(array)):
         raise InputImageError("the displacement field contains NaN or infinite vectors; it cannot be used as a transform")
     return array
@@ -66,9 +71,12 @@ def displacement_to_grid_transform(field: sitk.Image) -> "slicer.vtkOrientedGrid
         A grid transform mapping RAS points ``x`` to ``x + F U(F x)`` (``F = diag(-1, -1, 1)``), with linear
         interpolation; use it as a node's *from-parent* transform.
     """
-    array = _field_array(field)  # (z, y, x, 3), LPS
+    array = _field_array(field)  # (z, y, x, 3), LPS; a private float64 copy
     nz, ny, nx, _ = array.shape
-    vectors_ras = array.reshape(-1, 3) @ LPS_TO_RAS.T
+    # LPS -> RAS of every vector: F is diagonal, so an in-place sign flip (a (N, 3) @ (3, 3) product of a
+    # 256^3 field costs seconds and another copy)
+    vectors_ras = array.reshape(-1, 3)
+    vectors_ras *= _LPS_TO_RAS_DIAGONAL
     grid = vtk.vtkImageData()
     grid.SetDimensions(nx, ny, nz)
     grid.SetSpacing(*field.GetSpacing())

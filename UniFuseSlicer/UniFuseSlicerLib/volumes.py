@@ -35,7 +35,9 @@ __all__ = [
     "image_to_volume_node",
     "update_volume_node_from_image",
     "volume_node_to_image",
+    "volume_node_geometry",
     "volume_node_ijk_to_ras",
+    "image_data_from_image",
     "vtk_matrix_from_array",
     "array_from_vtk_matrix",
 ]
@@ -86,6 +88,16 @@ def _check_scalar(image: sitk.Image) -> None:
         raise InputImageError("complex-valued images cannot be shown as Slicer scalar volumes; take the magnitude first")
 
 
+def image_data_from_image(image: sitk.Image) -> vtk.vtkImageData:
+    """A new ``vtkImageData`` holding a copy of a 3-D scalar image's voxels (no geometry, no MRML).
+
+    Touches no scene, so it may run on a worker thread: a background run prepares its outputs' voxel copies
+    there and the GUI thread only hands them to the nodes (:func:`update_volume_node_from_image`).
+    """
+    _check_scalar(image)
+    return _image_data_from_array(sitk.GetArrayViewFromImage(image))
+
+
 def _image_data_from_array(array: np.ndarray) -> vtk.vtkImageData:
     """A new ``vtkImageData`` with dimensions (x, y, z) owning a copy of a (z, y, x) scalar array."""
     nz, ny, nx = array.shape
@@ -98,14 +110,23 @@ def _image_data_from_array(array: np.ndarray) -> vtk.vtkImageData:
     return image_data
 
 
-def update_volume_node_from_image(node: "vtkMRMLScalarVolumeNode", image: sitk.Image) -> None:  # noqa: F821
+def update_volume_node_from_image(
+    node: "vtkMRMLScalarVolumeNode",  # noqa: F821
+    image: sitk.Image,
+    image_data: Optional[vtk.vtkImageData] = None,
+) -> None:
     """Replace the voxels and geometry of ``node`` with ``image`` (values copied, pixel type kept).
 
-    The node's display node, storage node, parent transform and attributes are left as they are.
+    ``image_data``: the voxels already copied by :func:`image_data_from_image` (e.g. on a worker thread);
+    they must be ``image``'s. The node's display node, storage node, parent transform and attributes are left
+    as they are.
     """
     origin, spacing, direction = image_ras_geometry(image)
     _check_scalar(image)
-    image_data = _image_data_from_array(sitk.GetArrayViewFromImage(image))  # copied into VTK once
+    if image_data is None:
+        image_data = _image_data_from_array(sitk.GetArrayViewFromImage(image))  # copied into VTK once
+    elif tuple(image_data.GetDimensions()) != tuple(image.GetSize()):
+        raise ValueError("the prepared voxels do not belong to this image")
     was_modifying = node.StartModify()
     try:
         node.SetOrigin(*origin.tolist())
@@ -122,6 +143,7 @@ def image_to_volume_node(
     name: str,
     node: Optional["vtkMRMLScalarVolumeNode"] = None,  # noqa: F821
     create_display_node: bool = True,
+    image_data: Optional[vtk.vtkImageData] = None,
 ) -> "vtkMRMLScalarVolumeNode":  # noqa: F821
     """Put a 3-D scalar SimpleITK image into ``scene`` as a volume node.
 
@@ -131,6 +153,7 @@ def image_to_volume_node(
         name: name of a new node (made unique in the scene); ignored when ``node`` is given.
         node: an existing scalar volume node to overwrite; None creates a new one.
         create_display_node: give a new node Slicer's default display node (grey, auto window/level).
+        image_data: the voxels already copied by :func:`image_data_from_image`.
 
     Returns:
         The (new or updated) ``vtkMRMLScalarVolumeNode`` whose IJKToRAS is
@@ -143,7 +166,7 @@ def image_to_volume_node(
     if created:
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
     try:
-        update_volume_node_from_image(node, image)
+        update_volume_node_from_image(node, image, image_data)
         if created and create_display_node:
             node.CreateDefaultDisplayNodes()
     except Exception:
@@ -205,6 +228,24 @@ def volume_node_to_image(node: "vtkMRMLScalarVolumeNode", world: bool = True) ->
             f"voxels along every axis"
         )
     array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
+    origin_lps, spacing, direction_lps = _lps_geometry(node, world)
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(origin_lps)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction_lps)
+    return image
+
+
+def volume_node_geometry(node: "vtkMRMLScalarVolumeNode", world: bool = True) -> Tuple[Tuple[int, ...], Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:  # noqa: F821,E501
+    """``(size, origin, spacing, direction)`` in LPS, exactly as :func:`volume_node_to_image` would set them,
+    without copying the voxels (e.g. to check an output grid against the reference on another thread)."""
+    image_data = node.GetImageData() if node is not None else None
+    if image_data is None:
+        raise InputImageError("the volume has no voxel data; load or compute the volume first")
+    return (tuple(int(d) for d in image_data.GetDimensions()), *_lps_geometry(node, world))
+
+
+def _lps_geometry(node, world: bool):
     matrix = volume_node_ijk_to_ras(node, world=world)
     if not world or node.GetParentTransformNode() is None:
         # Exact path: read the stored geometry instead of decomposing the composed matrix.
@@ -220,8 +261,5 @@ def volume_node_to_image(node: "vtkMRMLScalarVolumeNode", world: bool = True) ->
             raise GeometryError(f"volume '{node.GetName()}' has a degenerate IJKToRAS matrix (zero spacing)")
         direction = columns / spacing
         origin = matrix[:3, 3]
-    image = sitk.GetImageFromArray(array)
-    image.SetOrigin((LPS_TO_RAS @ origin).tolist())
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection((LPS_TO_RAS @ direction).reshape(-1).tolist())
-    return image
+    return (tuple((LPS_TO_RAS @ origin).tolist()), tuple(spacing.tolist()),
+            tuple((LPS_TO_RAS @ direction).reshape(-1).tolist()))

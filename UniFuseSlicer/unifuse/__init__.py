@@ -6,6 +6,7 @@ This package is the Slicer-free core of the UniFuseSlicer extension. Public entr
 
     import unifuse
     result = unifuse.fuse("t1.nii.gz", "t2.nii.gz", degradation="auto", device="auto")
+    result = unifuse.fuse("t1.nii.gz", "t2.nii.gz", unifuse.FuseOptions(refine="full", spacing_mm=2.0))
     result.fused, result.aligned, result.displacement, result.report
 
 Conventions used throughout (see ``docs/geometry.md``):
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "fuse", "FusionResult"]
+__all__ = ["__version__", "fuse", "FusionResult", "FuseOptions"]
 
 
 def __getattr__(name: str):  # lazy: keep `import unifuse` cheap (no torch import until needed)
@@ -29,4 +30,8 @@ def __getattr__(name: str):  # lazy: keep `import unifuse` cheap (no torch impor
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "FuseOptions":
+        from .options import FuseOptions
+
+        return FuseOptions
     raise AttributeError(f"module 'unifuse' has no attribute {name!r}")

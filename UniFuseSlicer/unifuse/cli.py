@@ -49,16 +49,9 @@ def _progress_printer(machine: bool, quiet: bool) -> Callable[[float, str], None
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--degradation", default="auto", choices=["auto", *DEGRADATION_CLASSES],
-                   help="degradation of the moving volume (default: auto-detect)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
-    p.add_argument("--weights", type=Path, default=None, help="UniFuse checkpoint (default: the shipped weights)")
-    p.add_argument("--working-size", type=int, default=None,
-                   help="edge of the isotropic working grid in voxels (default: the size the weights were trained at)")
-    p.add_argument("--config", choices=sorted(CONFIGS), default=None,
-                   help="network config for an untrained network (only without trained weights)")
-    p.add_argument("--init", choices=["geometry", "moments"], default="geometry",
-                   help="pre-alignment before the network: header geometry, or + centre-of-mass (default: geometry)")
+    from .options import add_cli_arguments
+
+    add_cli_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--machine-progress", action="store_true", help="print 'PROGRESS <fraction> <message>' lines on stderr")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -89,27 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(CONFIGS), default=None, help="only this config (default: all)")
     p.add_argument("--weights", type=Path, default=None, help="describe this checkpoint's config")
 
+    from .batch import add_batch_parser
     from .bench import add_bench_parser
+    from .data.cli_data import add_data_parser
     from .train.cli_train import add_train_parser
 
     add_train_parser(sub)
     add_bench_parser(sub)
+    add_data_parser(sub)
+    add_batch_parser(sub)
     return parser
 
 
 def _run_fuse(args: argparse.Namespace) -> int:
     from .pipeline import OUTPUT_FILES, REPORT_FILE, fuse
-    from .errors import OutputExistsError
+    from .outputs import claim_output_dir
 
-    if not args.overwrite:
-        existing = [str(args.out / f) for f in [*OUTPUT_FILES.values(), REPORT_FILE] if (args.out / f).exists()]
-        if existing:  # refuse before spending minutes on the network
-            raise OutputExistsError(f"output file(s) already exist: {', '.join(existing)}; choose another --out or pass --overwrite")
-    result = fuse(
-        args.reference, args.moving, degradation=args.degradation, device=args.device, weights=args.weights,
-        progress=_progress_printer(args.machine_progress, args.quiet), working_size=args.working_size,
-        config=args.config, init=args.init,
-    )
+    # check and lock --out before spending minutes on the network (released by _main; result.save joins it)
+    claim = claim_output_dir(args.out, [*OUTPUT_FILES.values(), REPORT_FILE], args.overwrite,
+                             inputs=(args.reference, args.moving))
+    for note in claim.notes:
+        print(f"unifuse: note: {note}", file=sys.stderr)
+    from .options import FuseOptions
+
+    options = FuseOptions.from_namespace(args)
+    result = fuse(args.reference, args.moving, options, progress=_progress_printer(args.machine_progress, args.quiet))
     result.save(args.out, overwrite=args.overwrite)
     _print_summary(result.report, args.out)
     return EXIT_OK
@@ -121,24 +118,29 @@ def _print_summary(report: dict, out: Path) -> None:
     print(f"model      {report['model']['id']} ({'trained' if report['model']['trained'] else 'UNTRAINED'})")
     print(f"device     {report['device']}")
     print(f"degradation used: {deg['used']} (classifier: {probs})")
+    for stage in report["stages"]:
+        verdict = "" if stage.get("kept") is None else ("  kept" if stage["kept"] else "  REJECTED (made it no better)")
+        score = f"  score {stage['previous_score']:.4f} -> {stage['score']:.4f}" if "score" in stage else ""
+        print(f"stage      {stage['name']:<12} {stage['seconds']:7.2f} s{score}{verdict}")
+    print(f"alignment  final stage: {report['alignment']['final_stage']}")
     print(f"folding    {report['folding_percent']['reference_grid']:.3f} % of voxels")
     print(f"error map  mean {report['error_map_mean']['before']:.4f} before -> {report['error_map_mean']['after']:.4f} after")
     print(f"time       {report['timings_s']['total']:.2f} s " + json.dumps(report["timings_s"]))
     print(f"outputs    {out}")
     for note in report.get("notes", []):
         print(f"note       {note}")
-    if "warning" in report:
-        print(f"WARNING    {report['warning']}")
+    for warning in report.get("warnings", []):
+        print(f"WARNING    {warning}")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    from .options import FuseOptions
+
     run_demo(
-        out_dir=args.out, task=args.task, size=args.size, seed=args.seed, degradation=args.degradation,
-        device=args.device, weights=args.weights, working_size=args.working_size, config=args.config,
-        init=args.init, overwrite=args.overwrite,
-        progress=_progress_printer(args.machine_progress, args.quiet),
+        out_dir=args.out, task=args.task, size=args.size, seed=args.seed, options=FuseOptions.from_namespace(args),
+        overwrite=args.overwrite, progress=_progress_printer(args.machine_progress, args.quiet),
     )
     return EXIT_OK
 
@@ -163,35 +165,92 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
-    """SIGTERM (``kill``, a job scheduler, a GUI's Cancel) takes the Ctrl-C path: no outputs, exit 130."""
+    """SIGINT/SIGTERM (``kill``, a job scheduler, a GUI's Cancel) take the Ctrl-C path: exit 130 (in-process)."""
     raise KeyboardInterrupt
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``unifuse`` console script; returns the process exit code."""
-    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+def _cancelled_line() -> str:
+    from .outputs import interrupt_summary
+
+    return f"unifuse: cancelled (Ctrl-C); {interrupt_summary()}"
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM of the ``unifuse`` process: unless outputs are being staged (then the writer rolls back
+    on KeyboardInterrupt), say what was written, release the output folders and exit 130 at once — also in
+    the middle of importing torch/scipy, where an exception would leave half-initialised modules behind."""
+    import os
+
+    outputs = sys.modules.get(f"{__package__}.outputs")  # claims exist only once it is fully imported
+    claims = list(getattr(outputs, "_ACTIVE", ()))
+    if any(c.state == "writing" for c in claims):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    line = _cancelled_line() if claims else "unifuse: cancelled (Ctrl-C); no outputs were written"
+    if claims:
+        outputs.release_all()
+    for stream in (sys.stdout, sys.stderr):
         try:
-            return _main(argv)
-        finally:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    return _main(argv)
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a stream interrupted mid-write: nothing more to save
+            pass
+    os.write(2, (line + "\n").encode("utf-8", "replace"))
+    os._exit(EXIT_CANCELLED)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``unifuse`` console script and ``python -m unifuse``; returns the exit code.
+
+    Ctrl-C and SIGTERM are handled from here on: run as the command (``argv`` None) they end the process at
+    once with exit code 130 (:func:`_exit_now`); called in-process with ``argv`` they raise KeyboardInterrupt,
+    which :func:`_main` turns into exit code 130. Either way the message says what was written. SIGXFSZ is
+    ignored, so a write beyond ``ulimit -f`` fails (and is reported) instead of killing the process.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        return _main(argv)
+    handler = _exit_now if argv is None else _sigterm_as_ctrl_c
+    wanted = {signal.SIGINT: handler, signal.SIGTERM: handler}
+    if hasattr(signal, "SIGXFSZ"):
+        wanted[signal.SIGXFSZ] = signal.SIG_IGN
+    previous = {sig: signal.signal(sig, h) for sig, h in wanted.items()}
+    try:
+        return _main(argv)
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
+
+
+def _empty_path_option(argv: Sequence[str]) -> str:
+    """The first path option given an empty value (``--out ""`` would otherwise mean the current folder)."""
+    options = ("--out", "--reference", "--moving", "--weights", "--pairs")
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in options and ((eq and not value.strip()) or (not eq and i + 1 < len(argv) and not argv[i + 1].strip())):
+            return name
+    return ""
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import CancelledError, UniFuseError
+    from .outputs import release_all
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .bench import run_bench
-    from .train.cli_train import run_evaluate, run_train
-
-    handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info, "train": run_train,
-                "evaluate": run_evaluate, "bench": run_bench}
     try:
+        empty = _empty_path_option(sys.argv[1:] if argv is None else list(argv))
+        if empty:
+            raise UniFuseError(f"{empty} is an empty string; give a path (for the current folder write '.')")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from .bench import run_bench
+        from .batch import run_fuse_batch
+        from .data.cli_data import run_data
+        from .train.cli_train import run_evaluate, run_train
+
+        handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info, "train": run_train,
+                    "evaluate": run_evaluate, "bench": run_bench, "data": run_data, "fuse-batch": run_fuse_batch}
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        print("unifuse: cancelled (Ctrl-C); no outputs were written", file=sys.stderr)
+        print(_cancelled_line(), file=sys.stderr)
         return EXIT_CANCELLED
     except CancelledError as exc:
         print(f"unifuse: {exc}", file=sys.stderr)
@@ -199,6 +258,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     except UniFuseError as exc:
         print(f"unifuse: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m unifuse.cli`

@@ -151,6 +151,12 @@ def _mind_descriptor(arr: np.ndarray) -> np.ndarray:
 
 def _prepared_descriptor(image: sitk.Image, sigma_mm: float) -> np.ndarray:
     arr = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))
+    # MIND does not depend on the intensity scale, but float32 patch distances do: squared differences of
+    # intensities around 1e20 overflow (NaN maps) and of intensities around 1e-20 underflow. Scale to a
+    # largest magnitude of 1 first (in place, no extra copy).
+    scale = float(np.max(np.abs(arr))) if arr.size else 0.0
+    if 0.0 < scale < np.inf:
+        np.divide(arr, np.float32(scale), out=arr)
     if sigma_mm > 0:
         arr = ndimage.gaussian_filter(arr, _voxels(image, sigma_mm), mode="nearest")
     return _mind_descriptor(arr)

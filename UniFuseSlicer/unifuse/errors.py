@@ -32,6 +32,20 @@ class OutputExistsError(UniFuseError, FileExistsError):
     """An output file already exists and overwriting was not requested."""
 
 
+class OutputLocationError(UniFuseError, OSError):
+    """The output folder cannot be used (a file, not writable, too long a path, a pseudo-filesystem such as
+    /proc, an empty path, an input or a folder where an output file would go)."""
+
+
+class OutputLockedError(UniFuseError, OSError):
+    """Another run is writing into the same output folder right now."""
+
+
+class OutputWriteError(UniFuseError, OSError):
+    """Writing or verifying an output file failed (disk full, file size limit, I/O error); nothing was
+    changed in the output folder."""
+
+
 class CancelledError(UniFuseError):
     """The run was cancelled by the user; no outputs were written."""
 

@@ -1,11 +1,15 @@
 """Reading, validating and atomically writing volumes (and JSON reports).
 
-* :func:`read_image` — any single file SimpleITK reads (NIfTI, NRRD, MetaImage, ...) or a DICOM folder.
-  In a folder, every DICOM series found in it *and its sub-folders* is listed and the one with the most
-  files (slices) is read; ties go to the first series in sorted (folder, series UID) order. Input files are
-  only opened for reading. A file is first opened (permission problems are reported as such), then only its
-  header is parsed: a header announcing more voxel data than the free memory (a corrupt size field) is
-  refused before anything is allocated, and a NIfTI file holding fewer bytes than announced is refused.
+* :func:`read_image` — any single regular file SimpleITK reads (NIfTI, NRRD, MetaImage, ...) or a DICOM
+  folder; a pipe (FIFO, ``<(…)``), device or socket is refused before it is opened (reading it could block
+  forever). A folder must hold exactly one DICOM series (in it *and its sub-folders*): several series are
+  refused with their list, and a series whose slice positions are not equally spaced (a missing or
+  unreadable slice, two slices at one position) is refused with the positions — ITK would only warn and
+  stretch the spacing. Input files are only opened for reading. A file is first opened (permission problems
+  are reported as such), then only its header is parsed: a header announcing more voxel data than the free
+  memory (a corrupt size field) is refused before anything is allocated, and a NIfTI file holding fewer
+  bytes than announced, or NaN/infinite voxels, is refused (ITK's niftilib silently pads a cut file with
+  zeros and replaces non-finite floats by 0 in ``nifti_read_buffer``, so the raw data are scanned here).
 * :func:`validate_volume` — checks that a volume can be fused (3D, scalar, >= 8 voxels per axis, finite,
   not constant) and returns a float32 copy; every rejection names the volume's role and the fix.
 * :func:`write_image` / :func:`write_json` — atomic: the data go to a temporary file in the destination
@@ -20,6 +24,7 @@ import gzip
 import json
 import os
 import re
+import stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -58,9 +63,29 @@ _SUPPORTED_INPUT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha,
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # SimpleITK messages end with the useful description; keep it short
-    return lines[-1] if lines else type(exc).__name__
+    """The useful part of a (SimpleITK) exception as one line: from ``ITK ERROR:``/``sitk::ERROR:`` on, without
+    the object address, line breaks (matrices span several lines) folded into spaces."""
+    text = str(exc)
+    marks = [text.rfind(m) for m in ("ITK ERROR:", "sitk::ERROR:")]
+    start = max(marks)
+    if start >= 0:
+        text = text[start:].split(":", 1)[1]
+        text = re.sub(r"^\s*\w+\s*\(0x[0-9a-fA-F]+\)\s*:", "", text)
+    line = " ".join(text.split())
+    return line or type(exc).__name__
+
+
+def _file_kind(mode: int) -> str:
+    """'' for a regular file or folder, else what the path is (a pipe, a device, ...)."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO or process substitution <(…))"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 def find_dicom_series(folder: PathLike) -> List[Tuple[str, List[str]]]:
@@ -83,18 +108,19 @@ def read_image(path: PathLike) -> sitk.Image:
     """Read a volume from a file or a DICOM series folder.
 
     Args:
-        path: a file SimpleITK can read, or a folder containing a DICOM series (the largest series in the
-            folder tree is read, see the module docstring).
+        path: a regular file SimpleITK can read, or a folder holding one complete DICOM series (in it or its
+            sub-folders; see the module docstring).
 
     Returns:
         The image as stored (pixel type and LPS geometry of the file).
 
     Raises:
-        InputImageError: the path does not exist, the file cannot be read, or the folder has no DICOM series.
+        InputImageError: the path does not exist or is not a regular file/folder, the file cannot be read or
+            holds NaN/Inf voxels (NIfTI), or the folder has no, several or an incomplete DICOM series.
     """
     p = Path(os.fspath(path)).expanduser()
     try:
-        os.stat(p)
+        mode = os.stat(p).st_mode
     except FileNotFoundError:
         raise InputImageError(
             f"input not found: '{p}' does not exist; check the path (quote it if it contains spaces) and that "
@@ -107,31 +133,138 @@ def read_image(path: PathLike) -> sitk.Image:
         ) from exc
     except OSError as exc:
         raise InputImageError(f"cannot read '{p}': {exc.strerror or exc}; check the path") from exc
-    if p.is_dir():
-        series = find_dicom_series(p)
-        if not series:
-            raise InputImageError(
-                f"'{p}' is a folder but no DICOM series was found in it or its sub-folders; point to the folder "
-                f"holding the DICOM slices, or to an image file: {_SUPPORTED_INPUT}"
-            )
-        uid, names = series[0]
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(names)
-        try:
-            return reader.Execute()
-        except RuntimeError as exc:
-            raise InputImageError(
-                f"cannot read the DICOM series {uid} ({len(names)} files) in '{p}': {_first_line(exc)}; "
-                "re-export the series from the scanner/PACS or convert it to NIfTI"
-            ) from exc
+    kind = _file_kind(mode)
+    if kind:
+        raise InputImageError(
+            f"cannot read '{p}': it is {kind}, not a regular file; UniFuse reads volumes from files and DICOM "
+            f"folders only — save the data to a file first ({_SUPPORTED_INPUT})"
+        )
+    if stat.S_ISDIR(mode):
+        return _read_dicom_folder(p)
     _check_readable(p)
     header = _read_header(p)
     _check_announced_size(p, header)
-    _check_nifti_complete(p)
+    bad, total = scan_nifti(p)
+    if bad:
+        raise InputImageError(
+            f"cannot use '{p}': {bad} of {total} voxels ({100.0 * bad / total:.3g}%) are NaN or infinite (ITK's "
+            "NIfTI reader would silently turn them into 0); replace them with a finite value (e.g. the "
+            "background value, numpy.nan_to_num) and save the volume again"
+        )
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as exc:
         raise _unreadable(p, exc) from exc
+
+
+# --------------------------------------------------------------------------------------------------------
+# DICOM folders
+
+_ONE_SERIES = "point --reference/--moving at a folder holding only that series"
+
+
+def _read_dicom_folder(p: Path) -> sitk.Image:
+    """The one DICOM series in ``p`` (and its sub-folders), after checking its slice positions."""
+    series = find_dicom_series(p)
+    if not series:
+        raise InputImageError(
+            f"'{p}' is a folder but no DICOM series was found in it or its sub-folders; point to the folder "
+            f"holding the DICOM slices, or to an image file: {_SUPPORTED_INPUT}"
+        )
+    if len(series) > 1:
+        listed = "; ".join(_describe_series(p, uid, names) for uid, names in series)
+        raise InputImageError(
+            f"'{p}' holds {len(series)} DICOM series: {listed}. UniFuse reads one series per input: {_ONE_SERIES} "
+            "(e.g. the sub-folder, or copy its files to a folder of their own)"
+        )
+    uid, names = series[0]
+    _check_dicom_slices(p, uid, names)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputImageError(
+            f"cannot read the DICOM series {uid} ({len(names)} files) in '{p}': {_first_line(exc)}; "
+            "re-export the series from the scanner/PACS or convert it to NIfTI"
+        ) from exc
+
+
+def _dicom_header(name: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    reader.LoadPrivateTagsOff()
+    reader.ReadImageInformation()
+    return reader
+
+
+def _tag(reader: sitk.ImageFileReader, key: str) -> str:
+    return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+
+def _describe_series(p: Path, uid: str, names: List[str]) -> str:
+    """``UID 'description' (N slices, in 'sub/folder')`` for the several-series message."""
+    try:
+        description = _tag(_dicom_header(names[0]), "0008|103e")
+    except RuntimeError:
+        description = ""
+    where = os.path.relpath(os.path.dirname(names[0]), p)
+    label = f" '{description}'" if description else ""
+    return f"{uid}{label} ({len(names)} slices{'' if where == '.' else f', in {where!r}'})"
+
+
+def _numbers(text: str) -> np.ndarray:
+    try:
+        return np.array([float(v) for v in text.split("\\")], dtype=np.float64)
+    except ValueError:
+        return np.zeros(0)
+
+
+def _check_dicom_slices(p: Path, uid: str, names: List[str]) -> None:
+    """Refuse a series whose slices differ in size/orientation or are not equally spaced along the normal.
+
+    Positions come from each file's Image Position (Patient) (0020|0032) projected on the normal of its
+    Image Orientation (Patient) (0020|0037). A single (multi-frame) file, or files without these tags, are
+    left to ITK.
+    """
+    if len(names) < 2:
+        return
+    headers = [_dicom_header(n) for n in names]
+    positions = [_numbers(_tag(h, "0020|0032")) for h in headers]
+    orientations = [_numbers(_tag(h, "0020|0037")) for h in headers]
+    if any(v.size != 3 for v in positions) or any(v.size != 6 for v in orientations):
+        return
+    fix = "re-export the complete series from the scanner/PACS, or convert it to NIfTI"
+    if len({tuple(h.GetSize()[:2]) for h in headers}) > 1 or np.ptp(np.stack(orientations), axis=0).max() > 1e-3:
+        raise InputImageError(
+            f"the DICOM series {uid} in '{p}' mixes slices of different sizes or orientations (several "
+            f"acquisitions under one series UID); {fix}"
+        )
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    z = np.sort(np.array([float(np.dot(v, normal)) for v in positions]))
+    steps = np.diff(z)
+    spacing = float(np.median(steps))
+    tolerance = 0.01 * spacing + 1e-3
+    odd = np.flatnonzero(np.abs(steps - spacing) > tolerance)
+    if spacing <= tolerance or odd.size:
+        unread = _unread_files(names)
+        gaps = ", ".join(f"{steps[i]:.3g} mm from {z[i]:.2f} to {z[i + 1]:.2f} mm" for i in (odd[:4] if odd.size else [0]))
+        more = f" and {odd.size - 4} more" if odd.size > 4 else ""
+        raise InputImageError(
+            f"the DICOM series {uid} in '{p}' has a missing or duplicated slice: its {len(z)} slice positions "
+            f"({z[0]:.2f} … {z[-1]:.2f} mm along the slice normal) step by {spacing:.3g} mm except {gaps}{more}"
+            f"{unread}; ITK would silently stretch the spacing — {fix}"
+        )
+
+
+def _unread_files(names: List[str]) -> str:
+    """', unreadable here: a.dcm, b.dcm' for files next to the series that are not part of it."""
+    used = {os.path.abspath(n) for n in names}
+    folders = {os.path.dirname(os.path.abspath(n)) for n in names}
+    other = sorted(os.path.join(f, e.name) for f in folders for e in os.scandir(f)
+                   if e.is_file() and os.path.join(f, e.name) not in used)
+    names_ = ", ".join(os.path.basename(o) for o in other[:5]) + (" …" if len(other) > 5 else "")
+    return f" (files beside it that are not readable as its slices: {names_})" if other else ""
 
 
 _DATA_FILE_FIELD = re.compile(r"^\s*(?:ElementDataFile\s*=|data ?file\s*:)\s*(.+?)\s*$", re.I | re.M)
@@ -162,8 +295,17 @@ def _unreadable(p: Path, exc: BaseException) -> InputImageError:
             "header together with its data file (.raw/.zraw/.img), or use a single-file format: "
             f"{_SUPPORTED_INPUT}"
         )
+    detail = _first_line(exc)
+    geometry = re.search(r"Bad direction, determinant is 0.*?change direction from .*? to (.*)$|Refusing to change spacing from .*? to (.*)$", detail)
+    if geometry:
+        what = (f"direction cosines ({geometry.group(1).strip()}) form a singular matrix" if geometry.group(1)
+                else f"voxel spacing {geometry.group(2).strip()} is not positive")
+        return InputImageError(
+            f"cannot read '{p}': its header has an invalid geometry: the {what}; the header is corrupt — "
+            "re-export the volume, or fix the spacing/orientation in its header"
+        )
     return InputImageError(
-        f"cannot read '{p}': {_first_line(exc)}. The file is corrupt, truncated or not an image format "
+        f"cannot read '{p}': {detail}. The file is corrupt, truncated or not an image format "
         f"SimpleITK supports; re-export it as {_SUPPORTED_INPUT}"
     )
 
@@ -224,16 +366,20 @@ def _check_announced_size(p: Path, header: sitk.ImageFileReader) -> None:
         )
 
 
-def _check_nifti_complete(p: Path) -> None:
-    """Raise if a NIfTI file holds fewer voxel bytes than its header announces.
+def scan_nifti(p: Path) -> Tuple[int, int]:
+    """Check a NIfTI file's voxel data and return (non-finite voxels, voxels); (0, 0) for other formats.
 
-    ITK's NIfTI reader silently pads a truncated .nii/.nii.gz (e.g. an interrupted copy) with zeros, so the
-    size is checked here: header via nibabel (which reads only the header), data length from the file size
-    (.nii) or by streaming the gzip data (.nii.gz; a cut gzip stream also fails its end-of-stream check).
+    ITK's niftilib silently pads a truncated .nii/.nii.gz (e.g. an interrupted copy) with zeros and replaces
+    NaN/Inf floats by 0 (``nifti_read_buffer``), so the raw data are streamed here once, in chunks: header
+    via nibabel (which reads only the header), the data length and, for float types, the non-finite values
+    (a cut gzip stream also fails its end-of-stream check). Only reads the file.
+
+    Raises:
+        InputImageError: the file holds fewer voxel bytes than its header announces, or its gzip data are cut.
     """
     name = p.name.lower()
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return
+        return 0, 0
     import nibabel
 
     try:
@@ -241,27 +387,35 @@ def _check_nifti_complete(p: Path) -> None:
 
         with LoggingOutputSuppressor():  # nibabel logs header oddities (fixed codes) to stderr: not ours to say
             header = nibabel.load(str(p)).header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        offset, dtype = int(header.get_data_offset()), header.get_data_dtype()
+        voxels = int(np.prod(header.get_data_shape()))
     except Exception:  # noqa: BLE001 - a header nibabel cannot parse was parsed by SimpleITK: trust it
-        return
+        return 0, 0
+    expected = offset + voxels * dtype.itemsize
+    floats = dtype.kind == "f"  # (complex volumes are refused by validate_volume anyway)
     fix = f"copy the file again or re-export it (it is incomplete), or use another format: {_SUPPORTED_INPUT}"
-    if name.endswith(".gz"):
-        total = 0
-        try:
-            with gzip.open(p, "rb") as stream:
-                while True:
-                    chunk = stream.read(1 << 22)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise InputImageError(f"cannot read '{p}': the compressed data are truncated or corrupt ({exc}); {fix}") from exc
-    else:
+    total, bad, carry = 0, 0, b""
+    if not floats and not name.endswith(".gz"):  # nothing to scan: the length is the file size
         total = p.stat().st_size
+    try:
+        with (gzip.open(p, "rb") if name.endswith(".gz") else open(p, "rb")) as stream:
+            while floats or name.endswith(".gz"):
+                chunk = stream.read(1 << 22)
+                if not chunk:
+                    break
+                start, total = total, total + len(chunk)
+                if floats and total > offset and start < expected:
+                    data = carry + chunk[max(offset - start, 0): max(expected - start, 0)]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:usable], dtype=dtype))))
+                    carry = data[usable:]
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputImageError(f"cannot read '{p}': the compressed data are truncated or corrupt ({exc}); {fix}") from exc
     if total < expected:
         raise InputImageError(
             f"cannot read '{p}': the file is truncated ({total} of the {expected} bytes its header announces); {fix}"
         )
+    return bad, voxels
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,28 +1,33 @@
 """The UniFuse inference pipeline: two SimpleITK images in, fused/aligned volumes, field and maps out.
 
-Stages (each timed in the report):
+:func:`fuse` reads as the list of its stages (:mod:`unifuse.stages`), each timed and recorded in the
+:class:`~unifuse.report.RunReport`:
 
-1. ``read``: read/validate the inputs (read-only; float32 copies are made).
-2. ``prepare``: choose the S³ working grid covering the reference FOV, compute the header pre-alignment
-   ``T_init`` (fixed -> moving physical points), resample both volumes onto the working grid and normalise
-   intensities to [0, 1].
-3. ``network``: run UniFuse on the working grid -> fused volume, pull-back field ``u`` (working-grid
-   voxels, channels x, y, z), degradation probabilities.
-4. ``warp``: convert ``u`` to LPS mm, compose ``x -> T_init(x + u(x))`` and resample the ORIGINAL moving data
-   once onto the reference grid; express the composed transform as one displacement field ``U`` on the
-   reference grid (``aligned(x) = moving(x + U(x))``).
-5. ``maps``: fused volume back on the reference grid (and, by default, in the reference's intensity units),
-   Jacobian determinant of ``x -> x + U(x)``, alignment-error maps before/after.
+1. ``read``: read/validate the inputs and masks (read-only), normalisation statistics.
+2. ``load_model``: the network (shipped weights unless told otherwise).
+3. ``header``: header pre-alignment ``T_init`` (reference -> moving physical points).
+4. ``affine``: Mattes-MI rigid then affine registration (:mod:`unifuse.registration.affine`).
+5. ``working_grid``: an isotropic grid with spacing in mm over the overlap of both fields of view; the
+   guard decides between header and affine there.
+6. ``network``: UniFuse's shared analysis (encoder, DAPL, OUFR) and its deformable field on top of the kept
+   global transform; guarded.
+7. ``refine``: instance refinement of the field (MIND-SSC, diffeomorphic; :mod:`unifuse.registration.refine`);
+   guarded.
+8. ``fusion``: UFR&F with the FINAL field (whatever stages were kept) on the working grid.
+9. ``warp``: compose ``x -> T_global(x + u(x))`` and resample the ORIGINAL moving data once onto the
+   reference grid; the composed map as one displacement field ``U`` (``aligned(x) = moving(x + U(x))``).
+10. ``maps``: fused volume on the reference grid (reference units by default), Jacobian determinant of
+    ``x -> x + U(x)``, alignment-error maps before (header) / after.
 
-Memory (:mod:`unifuse.resources`): the working size is the requested/trained one if its estimated network
-memory fits the budget (free RAM, or free GPU memory), else the largest multiple of ``cfg.size_multiple``
-that fits; an out-of-memory error in the network is retried at smaller sizes and, from CUDA, on the CPU.
-Every such change is a progress message and a line in ``report["notes"]``. The working grid always covers
-the whole reference field of view, and the warp is always at full reference resolution.
+Guard (:mod:`unifuse.guard`): each alignment stage is kept only if the ground-truth-free MIND-SSC score
+improves on the result before it; when nothing improved on the header geometry the report carries a warning.
+Memory (:mod:`unifuse.resources`): the working-grid spacing is coarsened when its estimated network memory
+exceeds the budget; an out-of-memory error is retried at coarser spacings and, from CUDA, on the CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -39,14 +44,16 @@ import SimpleITK as sitk
 from . import __version__
 from .config import DEGRADATION_CLASSES, ModelConfig, get_config
 from .errors import CancelledError, DeviceError, UniFuseError
+from .options import FuseOptions
+from .report import NOT_IMPROVED_WARNING, RunReport, StageRecord
 from .weights import Checkpoint, load_checkpoint, shipped_weights_path
 
 ImageLike = Union[sitk.Image, str, Path]
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
-#: Files written by :meth:`FusionResult.save` (and the CLI), by result attribute.
-OUTPUT_FILES: Dict[str, str] = {
+#: Image files written by :meth:`FusionResult.save` (and the CLI), by result attribute.
+IMAGE_OUTPUT_FILES: Dict[str, str] = {
     "fused": "fused.nii.gz",
     "aligned": "aligned.nii.gz",
     "displacement": "displacement.nii.gz",
@@ -54,6 +61,9 @@ OUTPUT_FILES: Dict[str, str] = {
     "error_map": "error_map.nii.gz",
     "error_map_before": "error_map_before.nii.gz",
 }
+#: Every file written by :meth:`FusionResult.save` besides the report: the images and the kept global
+#: transform (ITK transform file, reference -> moving LPS points; ``docs/geometry.md``).
+OUTPUT_FILES: Dict[str, str] = {**IMAGE_OUTPUT_FILES, "global_transform": "affine.tfm"}
 REPORT_FILE = "report.json"
 
 UNTRAINED_WARNING = (
@@ -78,7 +88,10 @@ class FusionResult:
         error_map_before: the same between reference and the header-pre-aligned moving (before the network).
         degradation: degradation class used for restoration (``DEGRADATION_CLASSES``).
         probabilities: classifier probabilities per class.
-        report: JSON-serialisable run report (device, timings, model, working grid, normalisation, ...).
+        report: JSON-serialisable run report (:meth:`unifuse.report.RunReport.to_dict`: stages with times
+            and guard scores, device, model, working grid, normalisation, degradation, warnings).
+        global_transform: the kept global (header or affine) transform, reference -> moving LPS points
+            (ITK's resampling convention); written as ``affine.tfm``.
     """
 
     fused: sitk.Image
@@ -90,64 +103,26 @@ class FusionResult:
     degradation: str
     probabilities: Dict[str, float]
     report: Dict[str, Any] = field(default_factory=dict)
+    global_transform: Optional[sitk.Transform] = None
 
     def save(self, out_dir: Union[str, Path], overwrite: bool = False) -> Dict[str, Path]:
         """Write every output (see :data:`OUTPUT_FILES`) and ``report.json`` into ``out_dir``.
 
-        All-or-nothing: existing outputs are refused up front unless ``overwrite``; every file is first
-        written into a hidden staging folder inside ``out_dir`` and renamed into place only when all are
-        complete. If anything fails or is interrupted (Ctrl-C) before the last rename, ``out_dir`` is left as
-        it was: files already renamed are taken back, outputs they replaced (``overwrite``) are restored from
-        the staging folder, and folders this call created are removed again.
-        """
-        from .io import write_image, write_json
-        from .errors import OutputExistsError
+        All-or-nothing and verified (:mod:`unifuse.outputs`): the folder is checked and locked, existing
+        outputs are refused unless ``overwrite`` (which never replaces a folder or an input), every file is
+        staged, read back and only then renamed into place; on any failure or interrupt ``out_dir`` is left
+        as it was. Returns ``{attribute or "report": path}``.
 
-        out = Path(out_dir)
-        targets = {name: out / fname for name, fname in OUTPUT_FILES.items()}
-        targets["report"] = out / REPORT_FILE
-        if not overwrite:
-            existing = [str(p) for p in targets.values() if p.exists()]
-            if existing:
-                raise OutputExistsError(
-                    f"output file(s) already exist: {', '.join(existing)}; choose another output folder or "
-                    f"pass --overwrite (overwrite=True)"
-                )
-        created = []  # folders this call creates, deepest first
-        folder = out.absolute()
-        while not folder.exists() and folder != folder.parent:
-            created.append(folder)
-            folder = folder.parent
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".unifuse-partial-", dir=out))
-        backup = staging / "replaced"
-        moved: list = []
-        replaced: list = []
-        try:
-            for name in OUTPUT_FILES:
-                write_image(getattr(self, name), staging / targets[name].name, overwrite=True)
-            write_json(self.report, staging / REPORT_FILE, overwrite=True)
-            backup.mkdir()
-            for target in targets.values():
-                if target.exists():  # keep the old output until every new one is in place
-                    os.replace(target, backup / target.name)
-                    replaced.append(target)
-                os.replace(staging / target.name, target)
-                moved.append(target)
-        except BaseException:
-            for target in moved:
-                target.unlink(missing_ok=True)
-            for target in replaced:
-                os.replace(backup / target.name, target)
-            shutil.rmtree(staging, ignore_errors=True)
-            for folder in created:
-                try:
-                    folder.rmdir()  # only if still empty
-                except OSError:
-                    break
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        return targets
+        Raises:
+            UniFuseError: ``OutputExistsError``, ``OutputLocationError``, ``OutputLockedError``,
+                ``OutputWriteError`` — one line naming the problem and the fix.
+        """
+        from .outputs import result_files, write_outputs
+
+        written = write_outputs(out_dir, result_files(self), overwrite=overwrite)
+        paths = {attr: written[fname] for attr, fname in OUTPUT_FILES.items() if fname in written}
+        paths["report"] = written[REPORT_FILE]
+        return paths
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -255,42 +230,48 @@ def load_model(
     return loaded
 
 
-@contextmanager
-def _stage(timings: Dict[str, float], name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - t0, 4)
+class _Run:
+    """Progress, cancel and the report of one run (stage timing, notes, warnings)."""
+
+    def __init__(self, progress: Optional[ProgressFn], cancel: Optional[CancelFn]) -> None:
+        self.progress, self.cancel = progress, cancel
+        self.report = RunReport()
+        self.fraction = 0.0
+        self.t0 = time.perf_counter()
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise CancelledError("cancelled by the user; nothing was written and the inputs are unchanged")
+
+    def step(self, fraction: float, message: str) -> None:
+        self.check_cancel()
+        self.fraction = max(self.fraction, float(fraction))
+        if self.progress is not None:
+            self.progress(self.fraction, message)
+
+    def note(self, message: str) -> None:
+        self.report.notes.append(message)
+        self.step(self.fraction, message)
+
+    @contextmanager
+    def stage(self, name: str, fraction: float, message: str) -> Iterator[StageRecord]:
+        """Time a stage into the report (a stage run twice, e.g. after an out-of-memory retry, is summed)."""
+        self.step(fraction, message)
+        record = self.report.stage(name)
+        if record is None:
+            record = StageRecord(name)
+            self.report.stages.append(record)
+        t = time.perf_counter()
+        try:
+            yield record
+        finally:
+            record.seconds += time.perf_counter() - t
 
 
 def _as_image(x: ImageLike, role: str) -> sitk.Image:
     from .io import read_image
 
     return x if isinstance(x, sitk.Image) else read_image(x)
-
-
-#: Intensity normalisation statistics are computed on at most this many voxels (a regular sub-lattice of
-#: larger volumes: percentiles of 16M samples differ from the full volume's by far less than the noise).
-NORMALIZATION_MAX_VOXELS = 1 << 24
-
-
-def _normalization(image: sitk.Image, role: str = "input") -> Tuple["IntensityNormalization", int]:  # noqa: F821
-    """The intensity normalisation of ``image`` and the sub-sampling step used to compute it (1 = all voxels).
-
-    Only the parameters are kept; the normalised full-resolution array is never held (it would cost 4 bytes
-    per voxel for nothing: the network sees the working grid only).
-
-    Raises:
-        InputImageError: the volume has no contrast to normalise (message names ``role``).
-    """
-    from .errors import InputImageError
-    from .intensity import normalize_image
-
-    step = max(1, math.ceil((image.GetNumberOfPixels() / NORMALIZATION_MAX_VOXELS) ** (1.0 / 3.0)))
-    sample = image if step == 1 else image[::step, ::step, ::step]
-    try:
-        return normalize_image(sample)[1], step
-    except InputImageError as exc:
-        raise InputImageError(f"the {role} image cannot be normalised: {exc}") from exc
 
 
 def _displacement_field(transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
@@ -341,67 +322,28 @@ def _cancel_hooks(model: Any, check: Callable[[], None]) -> Iterator[None]:
             handle.remove()
 
 
-@dataclass
-class NetworkOutput:
-    """What the pipeline keeps of one network pass (numpy, on the CPU; arrays (z, y, x)).
-
-    Attributes:
-        grid: the S³ working grid (see :func:`unifuse.geometry.working_grid`).
-        device: the device the pass ran on.
-        probs: (Ñ,) degradation probabilities.
-        u_vox: (3, S, S, S) pull-back field, working-grid voxels, channels (x, y, z).
-        fused: (S, S, S) fused volume in [0, 1].
-        folding_working: fraction of working-grid voxels with det J <= 0.
-    """
-
-    grid: sitk.Image
-    device: Any
-    probs: np.ndarray
-    u_vox: np.ndarray
-    fused: np.ndarray
-    folding_working: float
-
-    @property
-    def size(self) -> int:
-        return int(self.grid.GetSize()[0])
-
-
-def network_attempts(
-    cfg: ModelConfig, size: int, device: "torch.device", cpu_size: Optional[int] = None  # noqa: F821
-) -> List[Tuple[int, "torch.device"]]:  # noqa: F821
-    """The (working size, device) pairs the network stage tries, in order, after out-of-memory errors.
-
-    * CPU: ``size``, then :func:`unifuse.resources.fallback_sizes` down to the smallest working size.
-    * CUDA: ``size`` and smaller sizes down to half the edge (1/8 of the voxels; coarser grids lose more
-      accuracy than the CPU costs in time), then the CPU at ``cpu_size`` (default ``size``) and smaller.
-    """
+def network_attempts(spacing_mm: float, device: "torch.device", retries: int = 3) -> List[Tuple[float, "torch.device"]]:  # noqa: F821
+    """The (working-grid spacing in mm, device) pairs the deformable stages try, in order, after
+    out-of-memory errors: the spacing grows by 1.25 (about half the voxels) per retry; from CUDA, the CPU
+    follows at the first spacing."""
     import torch
 
-    from .resources import fallback_sizes, min_working_size
-
-    if device.type != "cuda":
-        return [(size, device)] + [(s, device) for s in fallback_sizes(cfg, size)]
-    m = cfg.size_multiple
-    floor = max(min_working_size(cfg), (size // 2) // m * m)
-    cpu = torch.device("cpu")
-    first = int(cpu_size or size)
-    return (
-        [(size, device)]
-        + [(s, device) for s in fallback_sizes(cfg, size, floor=floor)]
-        + [(first, cpu)]
-        + [(s, cpu) for s in fallback_sizes(cfg, first)]
-    )
+    plan = [(spacing_mm * 1.25**i, device) for i in range(retries + 1)]
+    if device.type == "cuda":
+        cpu = torch.device("cpu")
+        plan += [(spacing_mm * 1.25**i, cpu) for i in range(retries + 1)]
+    return plan
 
 
 T = TypeVar("T")
 
 
 def run_with_fallback(
-    attempts: Sequence[Tuple[int, "torch.device"]],  # noqa: F821
-    run: Callable[[int, "torch.device"], T],  # noqa: F821
+    attempts: Sequence[Tuple[float, "torch.device"]],  # noqa: F821
+    run: Callable[[float, "torch.device"], T],  # noqa: F821
     on_retry: Callable[[str], None],
 ) -> T:
-    """Call ``run(size, device)`` for each attempt until one does not run out of memory.
+    """Call ``run(spacing_mm, device)`` for each attempt until one does not run out of memory.
 
     Out-of-memory errors (:func:`unifuse.resources.is_out_of_memory`: ``torch.OutOfMemoryError`` on CUDA,
     ``MemoryError``, PyTorch's CPU allocator failures) move on to the next attempt after
@@ -416,26 +358,133 @@ def run_with_fallback(
     from .resources import available_memory_bytes, format_bytes, is_out_of_memory
 
     failures: List[str] = []
-    for i, (size, device) in enumerate(attempts):
+    for i, (spacing, device) in enumerate(attempts):
         try:
-            return run(size, device)
+            return run(spacing, device)
         except BaseException as exc:  # noqa: BLE001 - filtered just below
             if not is_out_of_memory(exc):
                 raise
-            failures.append(f"{size}³ on {device.type}")
+            failures.append(f"{spacing:.3g} mm on {device.type}")
         # outside the except block: the traceback (and the tensors its frames hold) is released
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if i + 1 < len(attempts):
-            nxt_size, nxt_device = attempts[i + 1]
+            nxt_spacing, nxt_device = attempts[i + 1]
             where = "on the CPU (slower)" if nxt_device.type != device.type else f"on {nxt_device.type}"
-            on_retry(
-                f"out of memory running the network at {size}³ on {device.type}; retrying at {nxt_size}³ {where}"
-            )
+            on_retry(f"out of memory on a {spacing:.3g} mm working grid on {device.type}; retrying at "
+                     f"{nxt_spacing:.3g} mm {where}")
     free = format_bytes(available_memory_bytes("cpu"))
     raise InsufficientMemoryError(
         f"not enough memory to run the network (tried {', '.join(failures)}; {free} of RAM free): close other "
-        "programs or use a machine with more memory"
+        "programs, pass a coarser --spacing, or use a machine with more memory"
+    )
+
+
+@dataclass
+class DeformableOutcome:
+    """What the working-grid stages return (tensors on the CPU).
+
+    Attributes:
+        work: the working grid and reference volumes.
+        global_stage: the kept global stage (header or affine).
+        u: (1, 3, D, H, W) final deformable field (working-grid voxels), or None when no deformable stage
+            was kept.
+        probs: (Ñ,) classifier probabilities; p_used: (Ñ,) the class weights the prompts and ALSN mixed with.
+        fused: (D, H, W) fused volume on the working grid, [0, 1].
+        folding_working: fraction of working-grid voxels with det J <= 0 of the final field.
+        device: where the network ran.
+    """
+
+    work: Any
+    global_stage: Any
+    u: Optional[Any]
+    probs: np.ndarray
+    p_used: np.ndarray
+    fused: np.ndarray
+    folding_working: float
+    device: Any
+
+
+def _deformable_stages(
+    run: _Run, loaded: LoadedModel, ref_img: sitk.Image, mov_img: sitk.Image, masks: Tuple[Any, Any],
+    globals_: List[Any], opts: FuseOptions, degradation_id: Optional[int], norms: Tuple[Any, Any],
+    spacing_mm: float, device: "torch.device",  # noqa: F821
+) -> DeformableOutcome:
+    """Working grid, guard of the global stages, network field, refinement, fusion — all on one grid."""
+    import torch
+
+    from . import resources, stages
+    from .guard import AlignmentGuard
+    from .spatial import jacobian_determinant
+
+    cfg = loaded.config
+    with run.stage("working_grid", 0.30, "resampling onto the working grid") as rec:
+        choice = stages.plan_working_grid(
+            ref_img, mov_img, [g.transform for g in globals_], spacing_mm, cfg.size_multiple,
+            lambda voxels: resources.estimate_network_bytes(cfg, round(voxels ** (1 / 3))),
+            resources.network_budget_bytes(device),
+        )
+        work = stages.prepare_working_volumes(ref_img, choice, norms[0], norms[1], device, masks[0])
+        for message in work.choice.notes:
+            run.note(message)
+        rec.details = work.choice.to_dict()
+        guard = AlignmentGuard(work.fixed, work.region, enabled=opts.guard)
+        candidates = [stages.global_candidate(g.name, mov_img, g.transform, work, masks[1]) for g in globals_]
+    current, kept_global = candidates[0], globals_[0]
+    for cand, g in zip(candidates[1:], globals_[1:]):  # the affine stage, judged on the working grid
+        keep, before, after = guard.compare(current, cand)
+        record = run.report.stage(g.name)
+        record.kept, record.previous_score, record.score = keep, before, after
+        if keep:
+            current, kept_global = cand, g
+    base = current
+
+    with run.stage("network", 0.40, f"running UniFuse on {device.type}") as rec:
+        loaded.model.to(device)
+        with torch.inference_mode(), _cancel_hooks(loaded.model, run.check_cancel):
+            analysis = loaded.model.analyse(work.fixed, base.moving)
+            deg = None if degradation_id is None else torch.tensor([degradation_id], device=device)
+            p = loaded.model.resolve_degradation(deg, analysis.dapl.probs)
+            u_net = loaded.model.predict_field(analysis, p) if opts.network else None
+        u = None
+        if u_net is not None:
+            proposed = stages.deformable_candidate("network", base, u_net)
+            keep, before, after = guard.compare(current, proposed)
+            rec.kept, rec.previous_score, rec.score = keep, before, after
+            if keep:
+                current, u = proposed, u_net
+        else:
+            rec.details["field"] = "skipped (network=False)"
+
+    if opts.refine != "none":
+        from .registration.refine import refine_field, refine_settings
+
+        with run.stage("refine", 0.55, f"refining the field ({opts.refine})") as rec:
+            generator = torch.Generator(device="cpu").manual_seed(opts.seed)
+            result = refine_field(
+                work.fixed, base.moving, initial=u, spacing_mm=(work.choice.spacing_mm,) * 3, mask=work.region,
+                moving_valid=base.valid, settings=refine_settings(opts.refine), cancel=run.check_cancel,
+                generator=generator,
+            )
+            proposed = stages.deformable_candidate("refine", base, result.field)
+            keep, before, after = guard.compare(current, proposed)
+            rec.kept, rec.previous_score, rec.score = keep, before, after
+            rec.details = {"settings": opts.refine, "iterations": result.iterations,
+                           "optimised_score_before": result.score_before, "optimised_score_after": result.score_after,
+                           "levels": [dataclasses.asdict(level) for level in result.levels]}
+            if keep:
+                current, u = proposed, result.field
+
+    with run.stage("fusion", 0.65, "restoring and fusing"), torch.inference_mode():
+        u_final = u if u is not None else torch.zeros((1, 3, *work.fixed.shape[2:]), device=device)
+        fused = loaded.model.restore_and_fuse(analysis, u_final, p)
+        folding = float((jacobian_determinant(u_final.float()) <= 0).float().mean().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return DeformableOutcome(
+        work=work, global_stage=kept_global, u=None if u is None else u.detach().float().cpu(),
+        probs=analysis.dapl.probs[0].float().cpu().numpy(), p_used=p[0].float().cpu().numpy(),
+        fused=fused[0, 0].float().cpu().numpy(), folding_working=folding, device=device,
     )
 
 
@@ -446,255 +495,185 @@ def run_with_fallback(
 def fuse(
     reference: ImageLike,
     moving: ImageLike,
-    degradation: Optional[str] = "auto",
-    device: str = "auto",
-    weights: Union[None, str, Path, Checkpoint] = None,
-    progress: Optional[ProgressFn] = None,
+    options: Optional[FuseOptions] = None,
     *,
-    working_size: Optional[int] = None,
-    config: Union[None, str, ModelConfig] = None,
-    init: str = "geometry",
-    map_back: bool = True,
+    progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
-    seed: int = 0,
     model: Optional[LoadedModel] = None,
+    **option_values: Any,
 ) -> FusionResult:
     """Align, restore and fuse ``moving`` onto ``reference`` with UniFuse.
+
+    Stages (each timed and recorded in ``report["stages"]``): read -> load_model -> header -> affine ->
+    working_grid -> network -> refine -> fusion -> warp -> maps. The alignment stages are guarded: each
+    result is kept only if the ground-truth-free alignment score improves (``report["alignment"]``); when
+    the final alignment is not better than the header geometry, ``report["warnings"]`` says so.
 
     Args:
         reference: good-quality reference volume (the fixed space): a ``SimpleITK.Image`` or a path
             (any file SimpleITK reads, or a DICOM folder). Never modified.
         moving: second modality, possibly misaligned and degraded. Never modified.
-        degradation: ``"auto"`` (classifier decides) or one of ``none``, ``motion``, ``metal``, ``lowdose``.
-        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        weights: checkpoint path or :class:`~unifuse.weights.Checkpoint`; None = shipped weights (or an
-            untrained network, flagged in the report, when none ship).
+        options: :class:`~unifuse.options.FuseOptions` (default: the best settings).
         progress: called as ``progress(fraction, message)`` with fraction in [0, 1] (non-decreasing).
-        working_size: edge of the S³ working grid (default: the size the weights were trained at). When its
-            estimated memory exceeds the budget (free RAM, or free GPU memory), the largest smaller multiple
-            of ``cfg.size_multiple`` that fits is used instead, and said so in the progress and report.
-        config: network config for an untrained network (ignored when weights are given).
-        init: pre-alignment, ``"geometry"`` (header geometry only) or ``"moments"`` (+ centre of mass).
-        map_back: return the fused volume in the reference's intensity units (else [0, 1]).
-        cancel: polled between stages and before every top-level block of the network; returning True
-            aborts with :class:`~unifuse.errors.CancelledError`.
-        seed: seed of the random initialisation of an untrained network.
-        model: a network already in memory (:class:`LoadedModel`, e.g. from :func:`load_model` or a training
-            loop); when given, ``weights`` and ``config`` are ignored.
+        cancel: polled between stages, during the registrations and before every top-level block of the
+            network; returning True aborts with :class:`~unifuse.errors.CancelledError`.
+        model: a network already in memory (:class:`LoadedModel`); when given, ``options.weights`` and
+            ``options.config`` are ignored.
+        **option_values: individual :class:`FuseOptions` fields (``degradation="motion"``, ``device="cpu"``,
+            ``refine="full"``, ...), applied on top of ``options``.
 
     Returns:
         :class:`FusionResult` on the reference grid.
-
-    Memory (see :mod:`unifuse.resources` and ``docs/troubleshooting.md``): an out-of-memory error in the
-    network is retried at smaller working sizes and, from CUDA, on the CPU (``report["notes"]``); references
-    larger than 256³ voxels get their error maps computed on a coarser grid over the same field of view.
     """
-    import torch
-
-    from . import error_maps, geometry, resources
+    from . import error_maps, geometry, resources, stages
     from .io import validate_volume
-    from .spatial import jacobian_determinant
 
-    timings: Dict[str, float] = {}
-    notes: List[str] = []
-    t_start = time.perf_counter()
-    last_fraction = [0.0]
+    opts = (options or FuseOptions()).replace(**option_values) if option_values else (options or FuseOptions())
+    run = _Run(progress, cancel)
+    report = run.report
 
-    def check_cancel() -> None:
-        if cancel is not None and cancel():
-            raise CancelledError("cancelled by the user; nothing was written and the inputs are unchanged")
-
-    def step(fraction: float, message: str) -> None:
-        check_cancel()
-        last_fraction[0] = max(last_fraction[0], float(fraction))
-        if progress is not None:
-            progress(last_fraction[0], message)
-
-    def note(message: str) -> None:
-        notes.append(message)
-        step(last_fraction[0], message)
-
-    step(0.0, "reading inputs")
-    with _stage(timings, "read"):
+    with run.stage("read", 0.0, "reading inputs"):
         ref_img = validate_volume(_as_image(reference, "reference"), "reference")
         mov_img = validate_volume(_as_image(moving, "moving"), "moving")
-        degradation_id = parse_degradation(degradation)
-        dev = resolve_device(device)
+        masks = (stages.read_mask(opts.reference_mask, "reference"), stages.read_mask(opts.moving_mask, "moving"))
+        degradation_id = parse_degradation(opts.degradation)
+        dev = resolve_device(opts.device)
         memory = _check_reference_memory(ref_img, mov_img)
+        ref_norm, ref_step = stages.normalization(ref_img, "reference")
+        mov_norm, mov_step = stages.normalization(mov_img, "moving")
 
-    step(0.05, "loading the network")
-    with _stage(timings, "load_model"):
-        loaded = model if model is not None else load_model(weights, config, dev, seed)
+    with run.stage("load_model", 0.05, "loading the network"):
+        loaded = model if model is not None else load_model(opts.weights, opts.config, dev, opts.seed)
         loaded.model.to(dev).eval()
-        cfg = loaded.config
-        requested = int(working_size or cfg.working_size)
-        if requested <= 0 or requested % cfg.size_multiple:
-            raise UniFuseError(
-                f"working size {requested} is not a positive multiple of {cfg.size_multiple} (required by the "
-                f"'{cfg.name}' network); choose e.g. "
-                f"{max(cfg.size_multiple, requested // cfg.size_multiple * cfg.size_multiple)}"
+
+    with run.stage("header", 0.10, "header pre-alignment") as rec:
+        t_init, overlap = stages.header_transform(ref_img, mov_img, opts.init)
+        rec.details = {"mode": opts.init, "overlap_fraction": overlap}
+    globals_ = [stages.GlobalStage("header", t_init)]
+
+    affine_result = None
+    if opts.affine != "none":
+        from .registration.affine import AffineSettings, register_affine
+
+        with run.stage("affine", 0.15, f"{opts.affine} registration (Mattes MI)") as rec:
+            affine_result = register_affine(
+                ref_img, mov_img, t_init, reference_mask=masks[0], moving_mask=masks[1],
+                settings=AffineSettings(affine=opts.affine == "affine"), cancel=run.check_cancel,
             )
-        choice = resources.choose_working_size(cfg, requested, resources.network_budget_bytes(dev))
-    if choice.message:
-        note(choice.message)
+            rec.details = affine_result.to_dict()
+            globals_.append(stages.GlobalStage("affine", affine_result.transform))
 
-    step(0.15, "resampling onto the working grid")
-    with _stage(timings, "prepare"):
-        t_init = geometry.initial_transform(ref_img, mov_img, mode=init)
-        overlap = geometry.check_overlap(ref_img, mov_img, t_init)
-        ref_norm, ref_step = _normalization(ref_img, "reference")
-        mov_norm, mov_step = _normalization(mov_img, "moving")
+    outcome = run_with_fallback(
+        network_attempts(opts.working_spacing_mm, dev),
+        lambda spacing, device: _deformable_stages(run, loaded, ref_img, mov_img, masks, globals_, opts,
+                                                   degradation_id, (ref_norm, mov_norm), spacing, device),
+        run.note,
+    )
+    work, kept_global = outcome.work, outcome.global_stage
+    probs = outcome.probs
+    predicted = DEGRADATION_CLASSES[int(np.argmax(probs))]
+    used = predicted if degradation_id is None else DEGRADATION_CLASSES[degradation_id]
 
-    resample_s = [0.0]
-
-    def run_network(size: int, run_device: "torch.device") -> NetworkOutput:  # noqa: F821
-        t0 = time.perf_counter()
-        grid = geometry.working_grid(ref_img, size)
-        ref_w = geometry.resample(ref_img, grid, default=ref_norm.low)
-        mov_w = geometry.resample(mov_img, grid, transform=t_init, default=mov_norm.low)
-        ref_t = torch.from_numpy(ref_norm.apply(sitk.GetArrayFromImage(ref_w)))[None, None].to(run_device)
-        mov_t = torch.from_numpy(mov_norm.apply(sitk.GetArrayFromImage(mov_w)))[None, None].to(run_device)
-        deg_t = None if degradation_id is None else torch.tensor([degradation_id], device=run_device)
-        resample_s[0] += time.perf_counter() - t0
-        loaded.model.to(run_device)
-        with torch.inference_mode(), _cancel_hooks(loaded.model, check_cancel):
-            out = loaded.model(ref_t, mov_t, degradation=deg_t)
-        if run_device.type == "cuda":
-            torch.cuda.synchronize(run_device)
-        return NetworkOutput(
-            grid=grid,
-            device=run_device,
-            probs=out.probs[0].float().cpu().numpy(),
-            u_vox=out.displacement[0].float().cpu().numpy(),
-            fused=out.fused[0, 0].float().cpu().numpy(),
-            folding_working=float((jacobian_determinant(out.displacement.float()) <= 0).float().mean().cpu()),
-        )
-
-    step(0.30, f"running UniFuse on {dev.type}")
-    with _stage(timings, "network"):
-        cpu_size = None
-        if dev.type == "cuda":
-            cpu_size = resources.choose_working_size(cfg, requested, resources.network_budget_bytes("cpu")).size
-        net = run_with_fallback(network_attempts(cfg, choice.size, dev, cpu_size), run_network, note)
-    # the resampling onto the working grid (done per attempt) is reported under "prepare"
-    timings["prepare"] = round(timings["prepare"] + resample_s[0], 4)
-    timings["network"] = round(timings["network"] - resample_s[0], 4)
-    grid, probs, u_vox = net.grid, net.probs, net.u_vox
-
-    used = DEGRADATION_CLASSES[int(np.argmax(probs))] if degradation_id is None else DEGRADATION_CLASSES[degradation_id]
-    probabilities = {name: float(p) for name, p in zip(DEGRADATION_CLASSES, probs)}
-
-    step(0.70, "warping the moving volume (one resampling)")
-    with _stage(timings, "warp"):
-        field_w = geometry.field_voxels_to_image(u_vox, grid)
-        composed = geometry.compose_transform(t_init, field_w)
+    with run.stage("warp", 0.75, "warping the moving volume (one resampling)"):
+        composed = stages.field_to_transform(kept_global.transform, outcome.u, work.grid)
         aligned = geometry.warp_image(mov_img, composed, ref_img, default=float(mov_norm.low))
         displacement = _displacement_field(composed, ref_img)
 
-    step(0.85, "computing fused volume and error maps")
-    with _stage(timings, "maps"):
-        fused_grid = sitk.GetImageFromArray(
-            ref_norm.invert(net.fused).astype(np.float32) if map_back else net.fused.astype(np.float32)
-        )
-        fused_grid.CopyInformation(grid)
-        fused = geometry.resample(fused_grid, ref_img, default=float(ref_norm.low) if map_back else 0.0)
+    with run.stage("maps", 0.85, "computing fused volume and error maps"):
+        fused_arr = ref_norm.invert(outcome.fused) if opts.map_back else outcome.fused
+        fused_grid = sitk.GetImageFromArray(fused_arr.astype(np.float32))
+        fused_grid.CopyInformation(work.grid)
+        fused = geometry.resample(fused_grid, ref_img, default=float(ref_norm.low) if opts.map_back else 0.0)
         jacobian = error_maps.jacobian_determinant_image(displacement)
-        map_grid = resources.coarser_grid(
-            ref_img, resources.error_map_voxel_limit(resources.available_memory_bytes("cpu"))
-        )
-        if map_grid is None:
-            pre_aligned = geometry.warp_image(mov_img, t_init, ref_img, default=float(mov_norm.low))
-            error_before, error_after = error_maps.alignment_error_maps(ref_img, pre_aligned, aligned)
-            del pre_aligned
-        else:
-            note(
-                f"error maps computed on a {'x'.join(map(str, map_grid.GetSize()))} grid over the same field of "
-                f"view (the reference has {ref_img.GetNumberOfPixels()} voxels) and resampled to the reference "
-                "grid, to bound memory; the fused, aligned and displacement outputs are at full resolution"
-            )
-            ref_small = geometry.resample(ref_img, map_grid)
-            before_small = geometry.warp_image(mov_img, t_init, map_grid, default=float(mov_norm.low))
-            after_small = geometry.warp_image(mov_img, composed, map_grid, default=float(mov_norm.low))
-            small_before, small_after = error_maps.alignment_error_maps(ref_small, before_small, after_small)
-            del ref_small, before_small, after_small
-            error_before = geometry.resample(small_before, ref_img)
-            error_after = geometry.resample(small_after, ref_img)
-    map_info = {
-        "grid_size": list(map_grid.GetSize() if map_grid is not None else ref_img.GetSize()),
-        "spacing_mm": list(map_grid.GetSpacing() if map_grid is not None else ref_img.GetSpacing()),
-        "reduced": map_grid is not None,
-    }
+        error_before, error_after, map_info = _error_maps(run, ref_img, mov_img, t_init, composed, aligned, mov_norm)
 
-    total = time.perf_counter() - t_start
-    report: Dict[str, Any] = {
+    final_stage = report.final_alignment_stage
+    if final_stage == "header" and (opts.affine != "none" or opts.network or opts.refine != "none"):
+        report.warnings.append(NOT_IMPROVED_WARNING)
+    if not loaded.trained:
+        report.warnings.append(UNTRAINED_WARNING)
+    report.total_seconds = time.perf_counter() - run.t0
+    report.sections.update({
         "unifuse_version": __version__,
+        "options": opts.to_dict(),
         "model": {
-            "id": loaded.model_id,
-            "config": cfg.name,
-            "trained": loaded.trained,
-            "source": loaded.source,
+            "id": loaded.model_id, "config": loaded.config.name, "trained": loaded.trained, "source": loaded.source,
             "training": {k: v for k, v in loaded.metadata.items() if k != "config"},
         },
-        "device": device_description(net.device),
-        "device_requested": device,
-        "working_grid": {
-            "size": [net.size] * 3,
-            "requested_size": requested,
-            "spacing_mm": list(grid.GetSpacing()),
-            "origin_lps_mm": list(grid.GetOrigin()),
-            "direction": list(grid.GetDirection()),
-        },
-        "reference_grid": {
-            "size": list(ref_img.GetSize()),
-            "spacing_mm": list(ref_img.GetSpacing()),
-        },
+        "device": device_description(outcome.device),
+        "device_requested": opts.device,
+        "working_grid": work.choice.to_dict(),
+        "reference_grid": {"size": list(ref_img.GetSize()), "spacing_mm": list(ref_img.GetSpacing())},
         "memory": {
-            "network_budget_bytes": choice.budget_bytes,
-            "network_estimated_bytes": resources.estimate_network_bytes(cfg, net.size),
+            "network_budget_bytes": resources.network_budget_bytes(outcome.device),
+            "network_estimated_bytes": resources.estimate_network_bytes(
+                loaded.config, round(work.grid.GetNumberOfPixels() ** (1 / 3))),
             "reference_stage_estimated_bytes": memory["estimated_bytes"],
             "available_bytes_at_start": memory["available_bytes"],
         },
-        "pre_alignment": init,
-        "overlap_fraction": overlap,
+        "pre_alignment": opts.init,
+        "overlap_fraction": report.stage("header").details["overlap_fraction"],
+        "global_transform": {"stage": kept_global.name,
+                             "direction": "reference -> moving LPS mm points (ITK resampling convention)"},
         "normalization": {
             "reference": {**ref_norm.to_dict(), "sampled_every": ref_step},
             "moving": {**mov_norm.to_dict(), "sampled_every": mov_step},
         },
         "degradation": {
-            "requested": degradation or "auto",
+            "requested": opts.degradation,
+            "predicted": predicted,
             "used": used,
-            "predicted": DEGRADATION_CLASSES[int(np.argmax(probs))],
-            "probabilities": probabilities,
+            "probabilities": {name: float(v) for name, v in zip(DEGRADATION_CLASSES, probs)},
+            "mixture": {name: float(v) for name, v in zip(DEGRADATION_CLASSES, outcome.p_used)},
         },
         "displacement": {
-            "convention": "pull-back, LPS mm, aligned(x) = moving(x + U(x))",
+            "convention": "pull-back, LPS mm, aligned(x) = moving(x + U(x)); U composes header, affine, network "
+                          "and refinement",
             "max_mm": _max_vector_norm(displacement),
-            "network_max_voxels": float(np.sqrt((u_vox**2).sum(0)).max()),
+            "deformable_max_voxels": 0.0 if outcome.u is None else float(outcome.u[0].norm(dim=0).max()),
         },
         "folding_percent": {
             "reference_grid": error_maps.folding_fraction(jacobian) * 100.0,
-            "working_grid": net.folding_working * 100.0,
+            "working_grid": outcome.folding_working * 100.0,
         },
         "error_maps": map_info,
         "error_map_mean": {
             "before": float(sitk.GetArrayViewFromImage(error_before).mean()),
             "after": float(sitk.GetArrayViewFromImage(error_after).mean()),
         },
-        "fused_intensity": "reference units" if map_back else "[0, 1]",
-        "notes": notes,
-        "timings_s": {**timings, "total": round(total, 4)},
-    }
-    if not loaded.trained:
-        report["warning"] = UNTRAINED_WARNING
-    step(1.0, "done")
+        "fused_intensity": "reference units" if opts.map_back else "[0, 1]",
+    })
+    run.step(1.0, "done")
     return FusionResult(
-        fused=fused,
-        aligned=aligned,
-        displacement=displacement,
-        jacobian=jacobian,
-        error_map=error_after,
-        error_map_before=error_before,
-        degradation=used,
-        probabilities=probabilities,
-        report=report,
+        fused=fused, aligned=aligned, displacement=displacement, jacobian=jacobian, error_map=error_after,
+        error_map_before=error_before, degradation=used, probabilities=report.sections["degradation"]["probabilities"],
+        report=report.to_dict(), global_transform=kept_global.transform,
     )
+
+
+def _error_maps(
+    run: _Run, ref_img: sitk.Image, mov_img: sitk.Image, t_init: sitk.Transform, composed: sitk.Transform,
+    aligned: sitk.Image, mov_norm: Any,
+) -> Tuple[sitk.Image, sitk.Image, Dict[str, Any]]:
+    """Error maps before (header geometry) and after (final transform) on the reference grid; for huge
+    references on a coarser grid over the same field of view (said in a note)."""
+    from . import error_maps, geometry, resources
+
+    map_grid = resources.coarser_grid(ref_img, resources.error_map_voxel_limit(resources.available_memory_bytes("cpu")))
+    low = float(mov_norm.low)
+    if map_grid is None:
+        pre_aligned = geometry.warp_image(mov_img, t_init, ref_img, default=low)
+        before, after = error_maps.alignment_error_maps(ref_img, pre_aligned, aligned)
+    else:
+        run.note(
+            f"error maps computed on a {'x'.join(map(str, map_grid.GetSize()))} grid over the same field of view (the "
+            f"reference has {ref_img.GetNumberOfPixels()} voxels) and resampled to the reference grid, to bound "
+            "memory; the fused, aligned and displacement outputs are at full resolution"
+        )
+        small = error_maps.alignment_error_maps(
+            geometry.resample(ref_img, map_grid), geometry.warp_image(mov_img, t_init, map_grid, default=low),
+            geometry.warp_image(mov_img, composed, map_grid, default=low))
+        before, after = (geometry.resample(m, ref_img) for m in small)
+    grid = map_grid if map_grid is not None else ref_img
+    info = {"grid_size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()), "reduced": map_grid is not None}
+    return before, after, info

@@ -2,10 +2,11 @@
 
 The pipeline (:func:`unifuse.pipeline.fuse`) works in two places with very different memory needs:
 
-* **the network** runs on the isotropic S³ working grid; its peak memory grows with S³ and the widths of
-  the network (:func:`estimate_network_bytes`). When the requested/trained S does not fit the budget
-  (free RAM on the CPU, free GPU memory on CUDA), :func:`choose_working_size` picks the largest multiple of
-  ``cfg.size_multiple`` that fits. The working grid always covers the whole reference field of view (only
+* **the network** (and the refinement) run on the working grid (spacing in mm over the overlap of both
+  volumes, :mod:`unifuse.working_grid`); its peak memory grows with the number of working voxels and the
+  widths of the network (:func:`estimate_network_bytes`, evaluated at the cube of equal voxel count). When
+  the requested spacing does not fit the budget (:func:`network_budget_bytes`: free RAM on the CPU, free GPU
+  memory on CUDA), the spacing is coarsened until it does. The grid still covers the whole overlap (only
   its voxels get coarser), and the final warp is at full reference resolution, so no anatomy is cropped.
 * **the reference grid** (warp, displacement field, Jacobian, error maps, outputs) grows with the number of
   reference voxels, not with S (:func:`estimate_reference_stage_bytes`). The alignment-error maps, the
@@ -31,16 +32,15 @@ oneDNN scratch space) dominates. The model is therefore ``NETWORK_FIXED_BYTES +
 NETWORK_BYTES_PER_VOXEL_CHANNEL * width * S³`` with the largest measured per-channel slope, so it never
 underestimates these measurements. On CUDA the same tensors are allocated (convolutions need less
 scratch than CPU im2col), so the CPU model is a conservative estimate there; a CUDA out-of-memory that still
-happens is caught by the pipeline and retried (:func:`fallback_sizes`, :func:`is_out_of_memory`).
+happens is caught by the pipeline and retried at coarser spacings (:func:`unifuse.pipeline.network_attempts`,
+:func:`is_out_of_memory`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
-from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
 import numpy as np
@@ -217,109 +217,6 @@ def estimate_reference_stage_bytes(reference_voxels: int, moving_voxels: int) ->
     """
     maps = ERROR_MAP_BYTES_PER_VOXEL * min(int(reference_voxels), ERROR_MAP_MAX_VOXELS)
     return int(REFERENCE_BYTES_PER_VOXEL * reference_voxels + MOVING_BYTES_PER_VOXEL * moving_voxels + maps)
-
-
-# --------------------------------------------------------------------------------------------------------
-# working-grid size
-
-
-def min_working_size(cfg: ModelConfig) -> int:
-    """Smallest working grid the pipeline will use: two network patches per edge (and a multiple of
-    ``cfg.size_multiple``), so the token grid is at least 2³ and the U-Net can pool."""
-    m = cfg.size_multiple
-    return int(math.ceil(2 * cfg.patch_size / m) * m)
-
-
-@dataclass(frozen=True)
-class WorkingSizeChoice:
-    """Outcome of :func:`choose_working_size`.
-
-    Attributes:
-        size: the working-grid edge S to use (voxels; a multiple of ``cfg.size_multiple``).
-        requested: the edge that was asked for (the trained size unless overridden).
-        budget_bytes: the memory budget that was checked.
-        estimated_bytes: :func:`estimate_network_bytes` at ``size``.
-        fits: whether ``estimated_bytes <= budget_bytes`` (False only when even the smallest size is over).
-    """
-
-    size: int
-    requested: int
-    budget_bytes: int
-    estimated_bytes: int
-    fits: bool
-
-    @property
-    def reduced(self) -> bool:
-        """True when ``size`` is smaller than ``requested``."""
-        return self.size < self.requested
-
-    @property
-    def message(self) -> str:
-        """One sentence for progress messages and the report ('' when nothing was changed)."""
-        if not self.reduced and self.fits:
-            return ""
-        if not self.fits:
-            return (
-                f"working grid {self.size}³ needs about {format_bytes(self.estimated_bytes)} but only "
-                f"{format_bytes(self.budget_bytes)} is available; trying anyway (close other programs if it fails)"
-            )
-        return (
-            f"working grid reduced from {self.requested}³ to {self.size}³ to fit the memory budget of "
-            f"{format_bytes(self.budget_bytes)} (the grid still covers the whole field of view, with coarser "
-            f"voxels; the result is warped at full resolution)"
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "size": self.size, "requested": self.requested, "budget_bytes": self.budget_bytes,
-            "estimated_bytes": self.estimated_bytes, "reduced": self.reduced, "fits": self.fits,
-        }
-
-
-def choose_working_size(cfg: ModelConfig, requested: int, budget_bytes: int) -> WorkingSizeChoice:
-    """The requested working size if its estimated memory fits ``budget_bytes``, else the largest smaller
-    multiple of ``cfg.size_multiple`` that fits (never below :func:`min_working_size`).
-
-    Args:
-        cfg: the network's config.
-        requested: wanted edge S (voxels), a multiple of ``cfg.size_multiple``.
-        budget_bytes: memory the network may use (e.g. :func:`network_budget_bytes`).
-
-    Returns:
-        :class:`WorkingSizeChoice`; ``fits`` is False when even the smallest size is over budget (the
-        smallest size is then returned and the caller decides).
-    """
-    m = cfg.size_multiple
-    requested = int(requested)
-    if requested <= 0 or requested % m:
-        raise ValueError(f"requested working size {requested} is not a positive multiple of {m}")
-    floor = min(min_working_size(cfg), requested)
-    size = requested
-    while size > floor and estimate_network_bytes(cfg, size) > budget_bytes:
-        size -= m
-    estimated = estimate_network_bytes(cfg, size)
-    return WorkingSizeChoice(size, requested, int(budget_bytes), estimated, estimated <= budget_bytes)
-
-
-def fallback_sizes(cfg: ModelConfig, size: int, floor: Optional[int] = None) -> List[int]:
-    """Smaller working sizes to retry with after an out-of-memory at ``size``, largest first.
-
-    Each step keeps at most ~half the voxels of the previous one (edge x 0.8, rounded down to a multiple of
-    ``cfg.size_multiple``) and stops at ``floor`` (default :func:`min_working_size`).
-    """
-    m = cfg.size_multiple
-    lowest = max(min_working_size(cfg) if floor is None else int(floor), m)
-    out: List[int] = []
-    current = int(size)
-    while True:
-        nxt = int(0.8 * current) // m * m
-        if nxt >= current:
-            nxt = current - m
-        if nxt < lowest:
-            break
-        out.append(nxt)
-        current = nxt
-    return out
 
 
 _OOM_PATTERN = re.compile(r"out of memory|can't allocate memory|not enough memory|cannot allocate memory", re.I)

@@ -109,6 +109,27 @@ def _expected_sha256(path: Path) -> str:
     return text[0].lower()
 
 
+def _unreadable_checkpoint(path: Path, exc: Exception) -> WeightsError:
+    """One line for a checkpoint ``torch.load(weights_only=True)`` refuses — without torch's advice to load
+    it with ``weights_only=False``, which would let the file run code."""
+    import re
+
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand|Weights only load failed", text)
+    if unsafe:
+        what = f" ({unsafe.group(1)})" if unsafe.groups() else ""
+        return WeightsError(
+            f"weights file {path} cannot be read as a UniFuse checkpoint: it holds Python objects{what} besides "
+            "tensors and plain data, and unifuse refuses to unpickle those because they could run code; use a "
+            "checkpoint written by unifuse.weights.save_checkpoint"
+        )
+    first = " ".join(text.split())[:200]
+    return WeightsError(
+        f"weights file {path} cannot be read as a UniFuse checkpoint ({exc.__class__.__name__}: {first}); copy it "
+        "again, or use a checkpoint written by unifuse.weights.save_checkpoint"
+    )
+
+
 def load_checkpoint(path: PathLike, verify: bool = True) -> Checkpoint:
     """Load and verify a checkpoint written by :func:`save_checkpoint`.
 
@@ -119,6 +140,8 @@ def load_checkpoint(path: PathLike, verify: bool = True) -> Checkpoint:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"weights path {path} is a folder; pass the checkpoint file (.pt) inside it")
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; pass the path of a UniFuse checkpoint (.pt)")
     digest = sha256_of(path)
@@ -132,7 +155,7 @@ def load_checkpoint(path: PathLike, verify: bool = True) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise WeightsError(f"weights file {path} cannot be read as a UniFuse checkpoint ({exc.__class__.__name__}: {exc})") from exc
+        raise _unreadable_checkpoint(path, exc) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WeightsError(f"{path} is not a UniFuse checkpoint (missing format tag {FORMAT!r})")
     version = payload.get("format_version")

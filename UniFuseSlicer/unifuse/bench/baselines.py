@@ -12,17 +12,28 @@ Methods:
 * ``none`` — identity (header geometry only): the floor.
 * ``sitk-rigid`` — SimpleITK ``ImageRegistrationMethod``: Mattes mutual information, rigid (Euler) transform,
   multi-resolution (image pyramid with Gaussian smoothing): the first stage of ``sitk-bspline`` alone.
+* ``sitk-affine`` — ``sitk-rigid`` then a full affine stage with the same metric and pyramid (the benchmark's
+  own SimpleITK code, independent of the pipeline's :mod:`unifuse.registration.affine`).
 * ``sitk-bspline`` — ``sitk-rigid`` then a cubic B-spline stage (Mattes MI, gradient descent with bounded
   steps, multi-resolution).
 * ``ants-syn`` — ANTs ``SyN`` (affine + symmetric normalisation, Mattes MI) via ``antspyx``.
 * ``elastix-bspline`` — elastix rigid + B-spline (Advanced Mattes MI, multi-resolution) via ``itk-elastix``.
 
 ``ants-syn`` and ``elastix-bspline`` need optional packages; :meth:`RegistrationMethod.availability` says
-whether they import here and, if not, why (the benchmark lists them as unavailable, never fakes them).
+whether they import and, if not, why (the benchmark lists them as unavailable, never fakes them).
+
+Interpreters: every baseline other than ``none`` runs in a child process (:func:`register_isolated`). ``antspyx``
+0.6.x pins numpy/scipy versions older than this project's, so it lives in its own virtual environment
+(``.venv-ants/``, made by ``make bench-deps``) and ``ants-syn``'s child runs with THAT interpreter
+(:func:`baseline_interpreter`: ``--ants-python``, else ``$UNIFUSE_ANTS_PYTHON``, else ``.venv-ants/bin/python``
+at the repository root when it exists, else this interpreter). The child imports this package from its source
+folder (``PYTHONPATH``) and needs only numpy, scipy, SimpleITK and the toolkit; inputs and outputs are plain
+numpy arrays and tuples in pickle files, readable across numpy 2.x versions.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -30,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -48,18 +60,31 @@ __all__ = [
     "RegistrationSettings",
     "QUICK_SETTINGS",
     "FULL_SETTINGS",
+    "REAL_SETTINGS",
     "RegistrationMethod",
     "NoRegistration",
     "SimpleITKRigid",
+    "SimpleITKAffine",
     "SimpleITKBSpline",
     "sitk_rigid",
+    "sitk_affine",
     "AntsSyN",
     "ElastixBSpline",
     "REGISTRATION_METHODS",
     "registration_method",
     "normalized_for_registration",
     "register_isolated",
+    "ANTS_PYTHON_ENV",
+    "ANTS_VENV",
+    "baseline_interpreter",
 ]
+
+#: Environment variable naming the Python interpreter that has ``antspyx`` (overridden by ``--ants-python``).
+ANTS_PYTHON_ENV = "UNIFUSE_ANTS_PYTHON"
+#: The separate virtual environment of ``antspyx`` (``make bench-deps``), relative to the repository root.
+ANTS_VENV = ".venv-ants"
+#: Folder holding the ``unifuse`` package (put on the child's PYTHONPATH, so a foreign interpreter finds it).
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,7 @@ class RegistrationSettings:
         threads: CPU threads each toolkit may use.
         sitk_rigid_iterations: gradient-descent iterations per level of the SimpleITK rigid stage.
         sitk_rigid_shrink: pyramid shrink factors of the rigid stage (coarse first); smoothing σ = factor/2 voxels.
+        sitk_affine_iterations: iterations per level of the affine stage of ``sitk-affine`` (same pyramid).
         sitk_bspline_iterations: gradient-descent iterations per level of the SimpleITK B-spline stage.
         sitk_bspline_shrink: pyramid shrink factors of the B-spline stage (coarse first).
         sitk_mesh_size: B-spline control-mesh cells per axis (the same mesh at every pyramid level).
@@ -84,6 +110,7 @@ class RegistrationSettings:
     threads: int = 1
     sitk_rigid_iterations: int = 100
     sitk_rigid_shrink: Tuple[int, ...] = (4, 2, 1)
+    sitk_affine_iterations: int = 100
     sitk_bspline_iterations: int = 20
     sitk_bspline_shrink: Tuple[int, ...] = (2, 1)
     sitk_mesh_size: int = 4
@@ -105,6 +132,7 @@ FULL_SETTINGS = RegistrationSettings()
 QUICK_SETTINGS = RegistrationSettings(
     sitk_rigid_iterations=40,
     sitk_rigid_shrink=(2, 1),
+    sitk_affine_iterations=40,
     sitk_bspline_iterations=10,
     sitk_bspline_shrink=(1,),
     sitk_mesh_size=4,
@@ -113,6 +141,17 @@ QUICK_SETTINGS = RegistrationSettings(
     elastix_resolutions=2,
     elastix_iterations=30,
     elastix_grid_spacing_mm=24.0,
+)
+
+
+#: ``--real`` settings (real anatomy at 1–2 mm, 10⁶–10⁷ voxels): 2 % metric sampling (still ≥ 20 000 samples
+#: per level at full resolution), an 8-cell B-spline mesh (~25 mm control spacing over a head) with a 3-level
+#: pyramid and 30 iterations per level; ANTs and elastix as in the full settings.
+REAL_SETTINGS = RegistrationSettings(
+    sitk_sampling=0.02,
+    sitk_mesh_size=8,
+    sitk_bspline_shrink=(4, 2, 1),
+    sitk_bspline_iterations=30,
 )
 
 
@@ -134,8 +173,9 @@ class RegistrationMethod:
     name: str = ""
     description: str = ""
 
-    def availability(self) -> Tuple[bool, str]:
-        """``(True, "")`` when the method can run here, else ``(False, reason)``."""
+    def availability(self, python: Optional[str] = None) -> Tuple[bool, str]:
+        """``(True, "")`` when the method can run here (with interpreter ``python``, see
+        :func:`baseline_interpreter`), else ``(False, reason)``."""
         return True, ""
 
     def prepare(self) -> None:
@@ -205,6 +245,36 @@ class SimpleITKRigid(RegistrationMethod):
         return sitk_rigid(sitk.Cast(reference, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32), settings)
 
 
+def sitk_affine(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.AffineTransform:
+    """:func:`sitk_rigid`, then a 12-parameter affine stage started from it (same metric, sampling and pyramid;
+    regular-step gradient descent with physical-shift scales)."""
+    rigid = sitk_rigid(fixed, moving, settings)
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(rigid.GetCenter())
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    reg = _sitk_method(settings, settings.sitk_rigid_shrink)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=int(settings.sitk_affine_iterations),
+        relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(affine, inPlace=True)
+    reg.Execute(fixed, moving)
+    return affine
+
+
+class SimpleITKAffine(RegistrationMethod):
+    """``sitk-rigid`` followed by an affine stage (the classical global registration)."""
+
+    name = "sitk-affine"
+    description = ("SimpleITK ImageRegistrationMethod, Mattes MI (32 bins, random sampling): the sitk-rigid stage, "
+                   "then a 12-parameter affine stage from it (regular-step gradient descent, physical-shift scales, "
+                   "the same pyramid); the benchmark's own code, not the pipeline's affine stage")
+
+    def register(self, reference: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.Transform:
+        return sitk_affine(sitk.Cast(reference, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32), settings)
+
+
 class SimpleITKBSpline(RegistrationMethod):
     """SimpleITK Mattes-MI rigid + B-spline registration (multi-resolution)."""
 
@@ -245,14 +315,75 @@ def _import_error(module: str, package: str) -> Optional[str]:
     return None
 
 
+def _repository_root() -> Path:
+    """The checkout holding this package (``UniFuseSlicer/unifuse`` -> the folder above ``UniFuseSlicer``)."""
+    return _PACKAGE_PARENT.parent
+
+
+def baseline_interpreter(name: str, override: Optional[str] = None) -> str:
+    """The Python interpreter whose child process runs baseline ``name``.
+
+    ``ants-syn``: ``override`` (``--ants-python``), else ``$UNIFUSE_ANTS_PYTHON``, else the separate environment
+    ``.venv-ants/bin/python`` at the repository root when it exists, else this interpreter. Every other
+    baseline: this interpreter.
+    """
+    if name != AntsSyN.name:
+        return sys.executable
+    if override:
+        return str(override)
+    if os.environ.get(ANTS_PYTHON_ENV):
+        return os.environ[ANTS_PYTHON_ENV]
+    venv = _repository_root() / ANTS_VENV / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _child_env(threads: int) -> Dict[str, str]:
+    """Environment of a baseline child: thread counts, and this package's folder first on PYTHONPATH."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(int(threads)), OMP_NUM_THREADS=str(int(threads)),
+                PYTHONPATH=str(_PACKAGE_PARENT) + (os.pathsep + path if path else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _foreign_import_error(python: str, module: str, package: str) -> Optional[str]:
+    """Why ``python`` cannot run a ``module`` baseline child (None: it can); checked once per interpreter."""
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return (f"the interpreter {python} for {package} does not exist; run `make bench-deps` (it installs {package} "
+                f"into {ANTS_VENV}/) or pass --ants-python / set {ANTS_PYTHON_ENV} to a Python that has it")
+    code = f"import {module}, SimpleITK, scipy; import unifuse.bench.baselines"
+    try:
+        proc = subprocess.run([python, "-c", code], env=_child_env(1), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, errors="replace", timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the interpreter {python} for {package} could not be started ({type(exc).__name__}: {exc})"
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no error output"]
+        return (f"{package} does not import with {python} ({last[0].strip()}); run `make bench-deps` or install "
+                f"{package}, SimpleITK and scipy into that environment")
+    return None
+
+
 class AntsSyN(RegistrationMethod):
     """ANTs SyN (``antspyx``): affine + symmetric diffeomorphic normalisation, Mattes MI."""
 
     name = "ants-syn"
-    description = "ANTs SyN via antspyx: affine (Mattes MI) + SyN (Mattes MI), ANTsPy's default pyramid"
+    description = ("ANTs antsRegistration via antspyx 0.6 `registration(type_of_transform='SyN')`: centre-of-mass "
+                   "start; Affine[0.25] with Mattes MI (32 bins, 20 % regular sampling), 2100x1200x1200x0 iterations, "
+                   "shrink 4x2x2x1, smoothing 3x2x1x0 voxels; then SyN[0.2, 3, 0] with Mattes MI (32 bins, all "
+                   "voxels), the settings' reg_iterations at shrink 4x2x1 / smoothing 2x1x0 voxels; single precision, "
+                   "fixed random seed; run in the separate antspyx environment")
 
-    def availability(self) -> Tuple[bool, str]:
-        reason = _import_error("ants", "antspyx")
+    def availability(self, python: Optional[str] = None) -> Tuple[bool, str]:
+        interpreter = baseline_interpreter(self.name, python)
+        # compare the paths as given: a venv's python is a symlink to the same base binary as any other venv's
+        if os.path.abspath(interpreter) == os.path.abspath(sys.executable):
+            reason = _import_error("ants", "antspyx")
+            if reason is not None:
+                reason += (f"; antspyx pins numpy/scipy versions older than this environment's, so install it "
+                           f"separately with `make bench-deps` ({ANTS_VENV}/) or point --ants-python / "
+                           f"{ANTS_PYTHON_ENV} at a Python that has it")
+        else:
+            reason = _foreign_import_error(interpreter, "ants", "antspyx")
         return (reason is None), (reason or "")
 
     def prepare(self) -> None:
@@ -264,12 +395,16 @@ class AntsSyN(RegistrationMethod):
         import ants
 
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(settings.threads))
+        # antspyx 0.6 ignores a random_seed= argument; it passes --random-seed from ants.config._random_seed
+        # (set_ants_deterministic() would also force one thread, so the seed is set directly)
+        if hasattr(ants, "config") and hasattr(ants.config, "_random_seed"):
+            ants.config._random_seed = int(settings.seed)
         work = tempfile.mkdtemp(prefix="unifuse-bench-ants-")
         try:
             fixed_a, moving_a = _to_ants(reference), _to_ants(moving)
             out = ants.registration(fixed=fixed_a, moving=moving_a, type_of_transform="SyN",
                                     reg_iterations=tuple(settings.ants_reg_iterations),
-                                    outprefix=os.path.join(work, "reg_"), random_seed=int(settings.seed))
+                                    outprefix=os.path.join(work, "reg_"))
             composed = ants.apply_transforms(fixed=fixed_a, moving=moving_a, transformlist=out["fwdtransforms"],
                                              compose=os.path.join(work, "field_"))
             if composed is None:
@@ -312,7 +447,7 @@ class ElastixBSpline(RegistrationMethod):
     description = ("elastix via itk-elastix: default 'rigid' then 'bspline' parameter maps (Advanced Mattes MI, "
                    "adaptive stochastic gradient descent, multi-resolution)")
 
-    def availability(self) -> Tuple[bool, str]:
+    def availability(self, python: Optional[str] = None) -> Tuple[bool, str]:
         reason = _import_error("itk", "itk-elastix")
         if reason is not None:
             return False, reason
@@ -400,7 +535,7 @@ def _run_job(job_path: str, result_path: str) -> None:
 
     with open(job_path, "rb") as f:
         job = pickle.load(f)
-    settings: RegistrationSettings = job["settings"]
+    settings = RegistrationSettings(**job["settings"])
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(settings.threads))
     ref, mov = _from_payload(job["reference"]), _from_payload(job["moving"])
     method = registration_method(job["name"])
@@ -412,12 +547,14 @@ def _run_job(job_path: str, result_path: str) -> None:
         pickle.dump({"field": sitk.GetArrayFromImage(field), "measurement": m.to_dict()}, f)
 
 
-def register_isolated(name: str, reference: sitk.Image, moving: sitk.Image,
-                      settings: RegistrationSettings) -> Tuple[sitk.Image, "Measurement"]:
+def register_isolated(name: str, reference: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
+                      python: Optional[str] = None) -> Tuple[sitk.Image, "Measurement"]:
     """Run one baseline in a fresh Python process and return its displacement field.
 
-    The child is ``python -m unifuse.bench.baselines JOB RESULT`` (inputs and outputs go through pickle files
-    in a temporary folder, so toolkit output on stdout cannot interfere). Isolation keeps a toolkit crash
+    The child is ``PYTHON -m unifuse.bench.baselines JOB RESULT`` with ``PYTHON`` = ``python`` or
+    :func:`baseline_interpreter` (``ants-syn`` runs in its own environment), inputs and outputs going through
+    pickle files of plain numpy arrays, tuples and numbers in a temporary folder, so toolkit output on stdout
+    cannot interfere. Isolation keeps a toolkit crash
     (a segfault inside a C++ library) from ending the benchmark, keeps the toolkits' libraries apart
     (antspyx and itk-elastix each bundle their own ITK) and gives every method the same clean process for
     its memory measurement (:mod:`unifuse.bench.measure`, taken inside the child around the registration).
@@ -427,6 +564,7 @@ def register_isolated(name: str, reference: sitk.Image, moving: sitk.Image,
         reference, moving: the normalised volumes (as :meth:`RegistrationMethod.register`).
         settings: effort settings (``threads`` also sets ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` and
             ``OMP_NUM_THREADS`` of the child).
+        python: the child's interpreter (None: :func:`baseline_interpreter` of ``name``).
 
     Returns:
         (field, measurement): the displacement field of the fixed -> moving map on ``reference``'s grid
@@ -439,15 +577,15 @@ def register_isolated(name: str, reference: sitk.Image, moving: sitk.Image,
     from .measure import Measurement
 
     registration_method(name)  # validate the name before starting a process
-    env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(int(settings.threads)),
-               OMP_NUM_THREADS=str(int(settings.threads)))
+    interpreter = python or baseline_interpreter(name)
     with tempfile.TemporaryDirectory(prefix="unifuse-bench-") as tmp:
         job, result = os.path.join(tmp, "job.pkl"), os.path.join(tmp, "result.pkl")
         with open(job, "wb") as f:
             pickle.dump({"name": name, "reference": _payload(reference), "moving": _payload(moving),
-                         "settings": settings}, f)
-        proc = subprocess.run([sys.executable, "-m", "unifuse.bench.baselines", job, result], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+                         "settings": dict(settings.__dict__)}, f)
+        proc = subprocess.run([interpreter, "-m", "unifuse.bench.baselines", job, result],
+                              env=_child_env(settings.threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, errors="replace")
         if proc.returncode != 0 or not os.path.exists(result):
             how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
                    else f"exited with code {proc.returncode}")
@@ -462,12 +600,14 @@ def register_isolated(name: str, reference: sitk.Image, moving: sitk.Image,
 
 #: Every registration baseline by name, in table order.
 REGISTRATION_METHODS: Dict[str, RegistrationMethod] = {
-    m.name: m for m in (NoRegistration(), SimpleITKRigid(), SimpleITKBSpline(), AntsSyN(), ElastixBSpline())
+    m.name: m for m in (NoRegistration(), SimpleITKRigid(), SimpleITKAffine(), SimpleITKBSpline(), AntsSyN(),
+                        ElastixBSpline())
 }
 
 
 def registration_method(name: str) -> RegistrationMethod:
-    """Look a baseline up by name (``none``, ``sitk-bspline``, ``ants-syn``, ``elastix-bspline``)."""
+    """Look a baseline up by name (``none``, ``sitk-rigid``, ``sitk-affine``, ``sitk-bspline``, ``ants-syn``,
+    ``elastix-bspline``)."""
     try:
         return REGISTRATION_METHODS[name]
     except KeyError:

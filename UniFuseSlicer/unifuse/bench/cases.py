@@ -22,13 +22,20 @@ moving volume on its own grid — plus whatever truth is known:
 optional ``truth_displacement.*``, ``truth_moving_aligned_clean.*``, ``reference_labels.*`` (or ``labels.*``)
 and ``moving_labels.*``. ``DIR`` may also be a single case folder (e.g. the output folder of ``unifuse demo``,
 which writes exactly these names).
+
+**Real-anatomy validation cases** (:func:`real_cases`, ``unifuse bench --real``): the case folders that
+``unifuse data real`` writes under ``<cache>/cases/<split>/<case>/`` — the user-folder layout above plus a
+``case.json`` with ``category`` (``"full"`` or ``"partial"`` field of view), ``subject``, ``body_part`` and
+``degradation``. The case's ``task`` is its category (so the report groups by it) and ``info`` holds the
+``case.json`` fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,10 +48,13 @@ __all__ = [
     "BENCH_TASKS",
     "IMAGE_EXTENSIONS",
     "CASE_FILES",
+    "CASE_JSON",
+    "REAL_CATEGORIES",
     "BenchCase",
     "moving_pose_labels",
     "synthetic_cases",
     "folder_cases",
+    "real_cases",
 ]
 
 #: First seed of the synthetic benchmark cases (demo random stream; seed 0 is the shipped sample pair).
@@ -63,6 +73,10 @@ CASE_FILES: Dict[str, str] = {
     "labels": "reference_labels",
     "moving_labels": "moving_labels",
 }
+#: Description file of a real case folder.
+CASE_JSON = "case.json"
+#: Categories of the real cases (``case.json`` ``category``), in table order.
+REAL_CATEGORIES = ("full", "partial")
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +93,8 @@ class BenchCase:
         truth_displacement: exact pull-back field, ``sitkVectorFloat64`` LPS mm on the reference grid.
         reference_labels: integer labels in the reference pose, reference grid.
         moving_labels: integer labels in the moving pose, moving grid.
+        info: what else is known (real cases: the ``case.json`` fields category, subject, body_part,
+            degradation).
     """
 
     name: str
@@ -90,6 +106,7 @@ class BenchCase:
     truth_displacement: Optional[sitk.Image] = None
     reference_labels: Optional[sitk.Image] = None
     moving_labels: Optional[sitk.Image] = None
+    info: Dict[str, Any] = field(default_factory=dict)
 
 
 def moving_pose_labels(reference_labels: sitk.Image, truth_displacement: sitk.Image, moving_grid: sitk.Image) -> sitk.Image:
@@ -263,3 +280,67 @@ def _as_labels(image: sitk.Image, path_name: str) -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1 or not np.all(np.mod(arr, 1) == 0) or arr.min() < 0 or arr.max() > 255:
         raise DatasetError(f"{path_name} must be an integer label volume with labels 0..255 (0 = background)")
     return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def _read_case_json(folder: Path) -> Dict[str, Any]:
+    """The ``case.json`` of a real case folder, its ``category`` checked."""
+    path = folder / CASE_JSON
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{folder} has no {CASE_JSON}; real cases need one (written by `unifuse data real`) — "
+                           "regenerate the cache") from None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc}); regenerate the cache with `unifuse data real`") from None
+    _check_category(path, info)
+    return info
+
+
+def _check_category(path: Path, info: Any) -> None:
+    if not isinstance(info, dict) or info.get("category") not in REAL_CATEGORIES:
+        got = info.get("category") if isinstance(info, dict) else info
+        raise DatasetError(f"{path}: category must be one of {', '.join(REAL_CATEGORIES)}; got {got!r}")
+
+
+def _info(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields of a ``case.json`` record the benchmark reports (``degradation`` as its name)."""
+    degradation = record.get("degradation")
+    if isinstance(degradation, dict):
+        degradation = degradation.get("name")
+    return {"category": record.get("category"), "subject": record.get("subject"), "body_part": record.get("body_part"),
+            "degradation": degradation, "kind": record.get("kind")}
+
+
+def _as_real_case(case: BenchCase, record: Dict[str, Any]) -> BenchCase:
+    """``case`` with ``task`` = its category and ``info`` = the reported fields of its ``case.json``."""
+    info = _info(record)
+    return replace(case, task=str(info["category"]), degradation=case.degradation or info["degradation"], info=info)
+
+
+def real_cases(cache: Union[str, Path], split: str = "validation") -> List[BenchCase]:
+    """The real-anatomy cases of ``split`` in the cache of ``unifuse data real`` (layout in the module docstring).
+
+    A cache with its ``manifest.json`` is read through :func:`unifuse.data.real.load_real_cases`; case folders
+    without one (e.g. hand-made ones) are read here with :func:`folder_cases` and each ``case.json``.
+
+    Returns:
+        the cases sorted by folder name; ``task`` = category (``full`` / ``partial``), ``info`` = category,
+        subject, body_part, degradation and kind from case.json.
+
+    Raises:
+        DatasetError: the cache or split folder is missing (run ``unifuse data real``), or a case.json is bad.
+    """
+    root = Path(cache) / "cases" / split
+    if not root.is_dir():
+        raise DatasetError(f"no real cases at {root}; create them with `unifuse data real` (or `make bench-real`), "
+                           "or pass --cache DIR")
+    if (Path(cache) / "manifest.json").is_file():
+        from ..data.real import load_real_cases
+
+        loaded = load_real_cases(cache, split=split)
+        for item in loaded:
+            _check_category(root / item.case.name / CASE_JSON, item.info)
+        cases = [_as_real_case(item.case, item.info) for item in loaded]
+    else:
+        cases = [_as_real_case(c, _read_case_json(root / c.name)) for c in folder_cases(root)]
+    return sorted(cases, key=lambda c: c.name)

@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import OutputExistsError
 
 __all__ = [
     "REPORT_MD",
@@ -45,6 +44,8 @@ TASK_TITLES: Dict[str, str] = {
     "mr-ct-metal": "MR reference + CT with metal artefacts and noise (paper Table 2 setting)",
     "ct-pet-lowdose": "CT reference + low-dose PET (paper Table 3 setting)",
     "pairs": "user pairs (--pairs)",
+    "full": "real anatomy, full field of view (--real)",
+    "partial": "real anatomy, partial field of view (--real)",
 }
 #: (key, header, higher-is-better, format) of the fusion table's metric columns.
 FUSION_COLUMNS: Tuple[Tuple[str, str, bool, str], ...] = (
@@ -58,7 +59,10 @@ FUSION_COLUMNS: Tuple[Tuple[str, str, bool, str], ...] = (
 #: (key, header, higher-is-better, format) of the alignment table's metric columns.
 ALIGNMENT_COLUMNS: Tuple[Tuple[str, str, bool, str], ...] = (
     ("epe_mm", "EPE ↓ (mm)", False, "{:.2f}"),
+    ("epe_median_mm", "EPE median (mm)", False, "{:.2f}"),
+    ("epe_p95_mm", "EPE p95 (mm)", False, "{:.2f}"),
     ("epe_max_mm", "EPE max (mm)", False, "{:.1f}"),
+    ("epe_reduction_percent", "EPE reduction vs header ↑ (%)", True, "{:.1f}"),
     ("dice", "Dice ↑", True, "{:.3f}"),
     ("folding_percent", "folding ↓ (%)", False, "{:.3f}"),
     ("mse", "MSE ↓", False, "{:.4f}"),
@@ -142,9 +146,20 @@ def _best(table: Dict[str, Any], key: str, higher: bool, exclude: Sequence[str])
     return (max if higher else min)(candidates, key=lambda mv: mv[1])[0]
 
 
+#: Table labels of the UniFuse pipeline runs (``runner.PIPELINE_VARIANTS``).
+PIPELINE_LABELS: Dict[str, str] = {
+    "unifuse": "**UniFuse**",
+    "unifuse-refine-none": "UniFuse, refine none",
+    "unifuse-refine-full": "UniFuse, refine full",
+    "affine+refine-fast": "affine + refine fast (no network)",
+    "affine+refine-full": "affine + refine full (no network)",
+    "affine-only": "affine only (no network, no refine)",
+}
+
+
 def _label(method: str) -> str:
-    if method == "unifuse":
-        return "**UniFuse**"
+    if method in PIPELINE_LABELS:
+        return PIPELINE_LABELS[method]
     if method.startswith("truth"):
         return method.replace("truth", "truth (oracle field)", 1)
     if method == "none" or method.startswith("none+"):
@@ -166,12 +181,11 @@ def _table(table: Dict[str, Any], columns: Sequence[Tuple[str, str, bool, str]],
     return lines
 
 
-def format_markdown(results: Any, summary: Optional[Dict[str, Any]] = None) -> str:
-    """The ``bench.md`` report (see the module docstring)."""
-    summary = summary if summary is not None else summarize(results)
+def _preamble(results: Any, title: str) -> List[str]:
+    """Title, machine, model, cases, unavailable methods and failures (both report layouts)."""
     meta = results.meta
     mach = meta["machine"]
-    lines = ["# UniFuse benchmark", ""]
+    lines = [f"# {title}", ""]
     lines.append(f"Measured {meta['date_utc']} on {mach['cpu']} ({mach['cpu_count']} cores, {mach['ram_gib']} GiB RAM"
                  + (f", GPU {mach['gpu']}" if mach.get("gpu") else ", no GPU") + f"); {meta['threads']} thread(s); "
                  f"UniFuse device {meta['device']}; torch {mach['torch']}, SimpleITK {mach['simpleitk']}, unifuse "
@@ -180,7 +194,8 @@ def format_markdown(results: Any, summary: Optional[Dict[str, Any]] = None) -> s
     lines.append("")
     model = meta.get("model")
     if model:
-        lines.append(f"UniFuse model: `{model['id']}` (config `{model['config']}`, working grid {model['working_size']}³, "
+        lines.append(f"UniFuse model: `{model['id']}` (config `{model['config']}`, working-grid spacing "
+                     f"{model.get('spacing_mm', math.nan):g} mm, "
                      f"{'trained' if model['trained'] else 'UNTRAINED'}; from {model['source']}).")
         if not model["trained"]:
             lines += ["", f"> **{model['warning']}** The UniFuse rows below show that the pipeline runs, "
@@ -200,6 +215,23 @@ def format_markdown(results: Any, summary: Optional[Dict[str, Any]] = None) -> s
         lines += ["", "Failures (method raised on a case; that case is missing from its row):"]
         lines += [f"* `{f['method']}` on `{f['case']}`: {f['error']}" for f in results.failures]
     lines.append("")
+    return lines
+
+
+def format_markdown(results: Any, summary: Optional[Dict[str, Any]] = None) -> str:
+    """The ``bench.md`` report (see the module docstring; ``--real`` runs: :func:`format_real_markdown`)."""
+    summary = summary if summary is not None else summarize(results)
+    if results.meta.get("real"):
+        return format_real_markdown(results, summary)
+    lines = _preamble(results, "UniFuse benchmark")
+    lines += _body(results, summary)
+    lines += _notes(results, summary)
+    return "\n".join(lines) + "\n"
+
+
+def _body(results: Any, summary: Dict[str, Any]) -> List[str]:
+    """Per task: the fusion and alignment tables (mean ± std over cases)."""
+    lines: List[str] = []
     for task, entry in summary.items():
         n = len(entry["cases"])
         lines += [f"## {task}: {TASK_TITLES.get(task, task)}", "", f"{n} case(s). Mean ± std over cases; best "
@@ -217,7 +249,13 @@ def format_markdown(results: Any, summary: Optional[Dict[str, Any]] = None) -> s
             lines += ["### Alignment (paper Table 6 layout, plus endpoint error, Dice and folding)", ""]
             lines += _table(entry["alignment"], ALIGNMENT_COLUMNS, "registration")
             lines.append("")
-    lines += ["## Notes", ""]
+    return lines
+
+
+def _notes(results: Any, summary: Dict[str, Any]) -> List[str]:
+    """The notes under the tables: what each row and metric is."""
+    meta = results.meta
+    lines = ["## Notes", ""]
     lines.append("* Fusion rows: UniFuse is one network; every other row is a registration baseline followed by a "
                  "fusion rule (`average`, `max`, `laplacian` = 3-level Laplacian pyramid). Their time is registration + "
                  "rule.")
@@ -226,19 +264,132 @@ def format_markdown(results: Any, summary: Optional[Dict[str, Any]] = None) -> s
     if any(any("q_vif" in s and s["q_vif"]["n"] == 0 for s in e["fusion"].values()) for e in summary.values()):
         lines.append("* Q_vif is n/a here: the 4-scale pixel VIF needs at least 41 voxels along every axis and these "
                      "volumes are smaller.")
-    lines.append(f"* EPE: mean (and max) over the head (reference in [0, 1] > {meta['head_threshold']}) of "
-                 "‖U − U_true‖ in mm. Dice: mean over tissue labels of the moving-pose labels warped (nearest "
-                 "neighbour) by the method vs the reference labels. Folding: % of reference-grid voxels with "
-                 "det J ≤ 0. MSE/CC/SSIM: aligned moving vs the clean aligned label. MIND: mean local MIND "
-                 "dissimilarity of the aligned moving to the reference inside the reference's head mask (no truth needed).")
+    lines.append(f"* All alignment figures come from `unifuse.evaluation` (also used by `unifuse demo` and the model card). "
+                 f"EPE: ‖U − U_true‖ in mm (mean, median, 95th percentile, max) over the evaluation mask: "
+                 f"{meta.get('evaluation_mask', 'the reference foreground')}; reduction = 100 (1 − EPE / EPE of `none`) "
+                 "on the same case. Dice: mean over the reference's labels of the moving-pose labels warped (nearest "
+                 "neighbour) by the method, where the true field maps into the moving field of view. Folding: % of "
+                 "reference-grid voxels with det J ≤ 0. MSE/CC/SSIM: aligned moving vs the moving volume resampled "
+                 "through the true field (both in [0, 1] by the moving input's rule). MIND: mean local MIND dissimilarity "
+                 "of the aligned moving to the reference inside the reference's foreground dilated by 5 mm (no truth "
+                 "needed).")
     lines.append("* The `truth (oracle field)` rows warp with the exact field: the ceiling of registration + rule "
                  "(Dice < 1 there comes from nearest-neighbour label resampling on grids of different spacing).")
+    variants = meta.get("pipeline_variants") or {}
+    for name, info in variants.items():
+        lines.append(f"* `{name}`: `fuse(..., {', '.join(f'{k}={v!r}' for k, v in info['options'].items()) or 'defaults'})`"
+                     f" — {info['description']}.")
     lines.append(f"* Memory: {meta['memory_method']}. Registration baselines other than `none` run each in a fresh "
                  "child process (one per case and method), where their time and memory are measured around the "
                  "registration; their time also includes the one warp of the moving volume in the benchmark process.")
     descriptions = meta.get("registration_descriptions") or {}
     for name, text in descriptions.items():
         lines.append(f"* `{name}`: {text}.")
+    interpreters = {n: p for n, p in (meta.get("interpreters") or {}).items() if n == "ants-syn"}
+    for name, path in interpreters.items():
+        lines.append(f"* `{name}` ran with the interpreter `{path}` (its own environment: antspyx pins older "
+                     "numpy/scipy than this one; `make bench-deps`).")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ --real layout
+
+#: (key, header, format) of the ``--real`` tables' metric columns (all from :mod:`unifuse.evaluation`).
+REAL_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
+    ("epe_mm", "EPE mean (mm)", "{:.2f}"),
+    ("epe_reduction_percent", "EPE reduction vs header (%)", "{:.1f}"),
+    ("dice", "Dice", "{:.3f}"),
+    ("folding_percent", "folding (%)", "{:.3f}"),
+)
+REFERENCE_TIME_METHOD = "ants-syn"
+
+
+def _ratio(value: float, reference: Optional[float]) -> str:
+    if reference is None or not math.isfinite(value) or not math.isfinite(reference) or reference <= 0:
+        return "n/a"
+    return f"{value / reference:.2f}×"
+
+
+def _category_table(entry: Dict[str, Any]) -> List[str]:
+    """Methods × (EPE, reduction, Dice, folding, time, time / ANTs SyN, peak memory): mean ± std over cases."""
+    table = entry["alignment"]
+    ants = table.get(REFERENCE_TIME_METHOD, {}).get("seconds", {}).get("mean")
+    header = ["method", *[c[1] for c in REAL_COLUMNS], "time (s)", "time / ANTs SyN", "peak RSS + (MiB)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, stats in table.items():
+        cells = [_label(method), *[_cell(stats.get(key), fmt) for key, _, fmt in REAL_COLUMNS],
+                 _cell(stats.get("seconds"), "{:.1f}"), _ratio(stats["seconds"]["mean"], ants),
+                 _cell(stats.get("rss_increase_mb"), "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return fmt.format(value)
+
+
+def guard_text(guard: Optional[Dict[str, Any]]) -> str:
+    """A UniFuse run's guard decisions (``report["alignment"]``) in one cell: kept ✓ / rejected ✗ per stage,
+    then the final stage."""
+    if not guard:
+        return "–"
+    stages = ", ".join(f"{name} {'✓' if info.get('kept') else '✗'}" for name, info in guard.get("stages", {}).items())
+    return f"{stages} → {guard.get('final_stage', '?')}" if stages else f"→ {guard.get('final_stage', '?')}"
+
+
+def _case_table(rows: List[Dict[str, Any]]) -> List[str]:
+    """One case: every method's EPE (mean, median, p95), reduction, Dice, folding, cost and guard decisions."""
+    ants = next((r["seconds"] for r in rows if r["method"] == REFERENCE_TIME_METHOD), None)
+    header = ["method", "EPE mean (mm)", "EPE median (mm)", "EPE p95 (mm)", "EPE reduction vs header (%)", "Dice",
+              "folding (%)", "time (s)", "time / ANTs SyN", "peak RSS + (MiB)", "guard (UniFuse runs)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        m = r["metrics"]
+        cells = [_label(r["method"]), _fmt(m.get("epe_mm"), "{:.2f}"), _fmt(m.get("epe_median_mm"), "{:.2f}"),
+                 _fmt(m.get("epe_p95_mm"), "{:.2f}"), _fmt(m.get("epe_reduction_percent"), "{:.1f}"),
+                 _fmt(m.get("dice"), "{:.3f}"), _fmt(m.get("folding_percent"), "{:.3f}"), _fmt(r["seconds"], "{:.1f}"),
+                 _ratio(r["seconds"], ants), _fmt(r.get("rss_increase_mb"), "{:.0f}"), guard_text(r.get("guard"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_real_markdown(results: Any, summary: Optional[Dict[str, Any]] = None) -> str:
+    """The ``bench.md`` of ``unifuse bench --real``: per category (full / partial field of view) and per case,
+    every method's endpoint error and its reduction against header-only, Dice, folding, time (and its ratio to
+    ANTs SyN's) and peak memory; UniFuse runs also show their guard decisions."""
+    summary = summary if summary is not None else summarize(results)
+    meta = results.meta
+    real = meta["real"]
+    lines = _preamble(results, "UniFuse benchmark on real anatomy (`unifuse bench --real`)")
+    lines += [f"Cases: split `{real['split']}` of the cache `{real['cache']}` (`unifuse data real`).", ""]
+    lines += ["| case | category | subject | body part | degradation |", "|---|---|---|---|---|"]
+    for c in real["cases"]:
+        lines.append(f"| {c['case']} | {c.get('category')} | {c.get('subject')} | {c.get('body_part')} | "
+                     f"{c.get('degradation')} |")
+    lines += ["", "## Per category", "", "Mean ± std over the category's cases; time / ANTs SyN = mean time over mean "
+              "ANTs SyN time of the same cases.", ""]
+    for category, entry in summary.items():
+        if not entry["alignment"]:
+            continue
+        lines += [f"### {category}: {TASK_TITLES.get(category, category)} ({len(entry['cases'])} case(s))", ""]
+        lines += _category_table(entry)
+        lines.append("")
+    lines += ["## Per case", ""]
+    for c in real["cases"]:
+        rows = [r for r in results.alignment if r["case"] == c["case"]]
+        if not rows:
+            continue
+        lines += [f"### {c['case']} ({c.get('category')}, {c.get('body_part')}, subject {c.get('subject')})", ""]
+        lines += _case_table(rows)
+        lines.append("")
+    if any(e["fusion"] for e in summary.values()):
+        lines += ["## Fusion rows", ""]
+        for category, entry in summary.items():
+            if entry["fusion"]:
+                lines += [f"### {category}", ""] + _table(entry["fusion"], FUSION_COLUMNS, "method") + [""]
+    lines += _notes(results, summary)
     return "\n".join(lines) + "\n"
 
 
@@ -266,7 +417,8 @@ def _metric_bars(task: str, entry: Dict[str, Any], path: Path) -> Optional[Path]
         methods = [m for m, s in entry[kind].items() if key in s and s[key]["n"] > 0]
         means = [entry[kind][m][key]["mean"] for m in methods]
         stds = [entry[kind][m][key]["std"] for m in methods]
-        colours = ["tab:red" if m == "unifuse" else ("tab:gray" if m.startswith("truth") else "tab:blue") for m in methods]
+        colours = ["tab:red" if m in PIPELINE_LABELS else ("tab:gray" if m.startswith("truth") else "tab:blue")
+                   for m in methods]
         ax.barh(range(len(methods)), means, xerr=stds, color=colours)
         ax.set_yticks(range(len(methods)))
         ax.set_yticklabels(methods, fontsize=7)
@@ -284,32 +436,38 @@ def _time_vs_quality(summary: Dict[str, Any], path: Path) -> Optional[Path]:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     markers = ["o", "s", "^", "D", "v"]
-    plotted = False
+    used = [False, False]
     for (task, entry), marker in zip(summary.items(), markers * 4):
-        for ax, kind, key in ((axes[0], "fusion", "q_ssim"), (axes[1], "alignment", "epe_mm")):
+        for i, (ax, kind, key) in enumerate(((axes[0], "fusion", "q_ssim"), (axes[1], "alignment", "epe_mm"))):
             for method, s in entry[kind].items():
                 if key not in s or s[key]["n"] == 0 or s["seconds"]["n"] == 0:
                     continue
-                if kind == "fusion" and method != "unifuse" and not method.endswith("+laplacian"):
+                if kind == "fusion" and method not in PIPELINE_LABELS and not method.endswith("+laplacian"):
                     continue  # one rule per registration keeps the plot readable (all rules: metrics_<task>.png)
-                colour = "tab:red" if method == "unifuse" else ("tab:gray" if method.startswith("truth") else "tab:blue")
+                colour = ("tab:red" if method in PIPELINE_LABELS
+                          else ("tab:gray" if method.startswith("truth") else "tab:blue"))
                 ax.scatter(max(s["seconds"]["mean"], 1e-3), s[key]["mean"], marker=marker, color=colour, s=30)
                 ax.annotate(method, (max(s["seconds"]["mean"], 1e-3), s[key]["mean"]), fontsize=6,
                             xytext=(3, 2), textcoords="offset points")
-                plotted = True
-        axes[0].scatter([], [], marker=marker, color="k", label=task)
-    if not plotted:
+                used[i] = True
+        for ax in axes:
+            ax.scatter([], [], marker=marker, color="k", label=task)
+    if not any(used):
         plt.close(fig)
         return None
-    axes[0].set_xscale("log")
-    axes[1].set_xscale("log")
-    axes[0].set_xlabel("wall time per case (s, log)")
-    axes[1].set_xlabel("wall time per case (s, log)")
     axes[0].set_ylabel("Q_ssim (higher is better)")
     axes[1].set_ylabel("endpoint error, mm (lower is better)")
     axes[0].set_title("UniFuse vs registration + Laplacian-pyramid fusion", fontsize=10)
-    axes[1].set_title("registrations", fontsize=10)
-    axes[0].legend(fontsize=7)
+    axes[1].set_title("UniFuse runs (red) and registrations", fontsize=10)
+    for ax, has_data in zip(axes, used):
+        if has_data:
+            ax.set_xscale("log")
+            ax.set_xlabel("wall time per case (s, log)")
+            ax.legend(fontsize=7)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "no rows of this kind in this run", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -332,8 +490,8 @@ def _examples(task: str, example: Dict[str, Any], path: Path) -> Path:
     for col, reg in enumerate(registrations):
         axes[1, col].imshow(example["aligned"][reg], cmap="gray", vmin=0, vmax=1)
         axes[1, col].set_title(f"aligned: {reg}", fontsize=8)
-        fused_key = reg if reg == "unifuse" else next((k for k in (f"{reg}+laplacian", f"{reg}+average", f"{reg}+max")
-                                                      if k in example["fused"]), None)
+        fused_key = next((k for k in (reg, f"{reg}+laplacian", f"{reg}+average", f"{reg}+max")
+                          if k in example["fused"]), None)
         if fused_key is not None:
             axes[2, col].imshow(example["fused"][fused_key], cmap="gray", vmin=0, vmax=1)
             axes[2, col].set_title(f"fused: {fused_key}", fontsize=8)
@@ -370,39 +528,29 @@ def report_files(tasks: Sequence[str]) -> List[str]:
 
 
 def write_reports(results: Any, out_dir: Union[str, Path], overwrite: bool = False) -> Dict[str, Path]:
-    """Write ``bench.md``, ``bench.json`` and the PNG figures into ``out_dir``.
+    """Write ``bench.md``, ``bench.json`` and the PNG figures into ``out_dir``, all or nothing and verified
+    (:mod:`unifuse.outputs`; joins the claim ``unifuse bench`` holds on the folder).
 
     Raises:
-        OutputExistsError: ``bench.md`` or ``bench.json`` exists and ``overwrite`` is False.
+        OutputExistsError: a report file exists and ``overwrite`` is False.
 
     Returns:
-        ``{short name: path}`` of every file written.
+        ``{short name: path}`` of every file written (a figure without data is not written).
     """
-    from ..io import write_json
+    from ..outputs import write_outputs
 
-    out = Path(out_dir)
-    if not overwrite:
-        existing = [str(out / n) for n in (REPORT_MD, REPORT_JSON) if (out / n).exists()]
-        if existing:
-            raise OutputExistsError(f"benchmark report(s) already exist: {', '.join(existing)}; choose another --out "
-                                    "or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
-    written: Dict[str, Path] = {}
-    payload = json_safe(results.to_json())
-    written["json"] = write_json(payload, out / REPORT_JSON, overwrite=True)
-    md = out / REPORT_MD
-    md.write_text(format_markdown(results, summary), encoding="utf-8")
-    written["markdown"] = md
+    files: Dict[str, Any] = {REPORT_JSON: json_safe(results.to_json()), REPORT_MD: format_markdown(results, summary)}
+    short = {REPORT_JSON: "json", REPORT_MD: "markdown"}
     for task, entry in summary.items():
         safe = task.replace("/", "_")
-        p = _metric_bars(task, entry, out / f"metrics_{safe}.png")
-        if p is not None:
-            written[f"metrics_{safe}"] = p
+        files[f"metrics_{safe}.png"] = lambda path, task=task, entry=entry: _metric_bars(task, entry, path)
+        short[f"metrics_{safe}.png"] = f"metrics_{safe}"
     for task, example in results.examples.items():
         safe = task.replace("/", "_")
-        written[f"examples_{safe}"] = _examples(task, example, out / f"examples_{safe}.png")
-    p = _time_vs_quality(summary, out / "time_vs_quality.png")
-    if p is not None:
-        written["time_vs_quality"] = p
-    return written
+        files[f"examples_{safe}.png"] = lambda path, task=task, example=example: _examples(task, example, path)
+        short[f"examples_{safe}.png"] = f"examples_{safe}"
+    files["time_vs_quality.png"] = lambda path: _time_vs_quality(summary, path)
+    short["time_vs_quality.png"] = "time_vs_quality"
+    written = write_outputs(out_dir, files, overwrite=overwrite)
+    return {short[name]: path for name, path in written.items()}

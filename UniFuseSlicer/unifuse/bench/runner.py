@@ -1,32 +1,26 @@
 """``unifuse bench``: UniFuse against multi-stage baselines on the same cases, metrics and machine, in one run.
 
-For every case (:mod:`unifuse.bench.cases`) and method:
+For every case (:mod:`unifuse.bench.cases`: the synthetic held-out tasks, ``--pairs`` folders, or with
+``--real`` the real-anatomy validation cases) and method:
 
-* **UniFuse** — :func:`unifuse.pipeline.fuse` with one network loaded once (shipped weights, ``--weights``, or
-  an untrained network that the report flags), ``degradation="auto"``, fused volume in [0, 1]
-  (``map_back=False``).
-* **registration baselines** (:mod:`unifuse.bench.baselines`) — ``none`` (the floor), ``sitk-bspline``,
-  ``ants-syn``, ``elastix-bspline`` and, when the exact field is known, ``truth`` (the oracle: the true field,
-  the ceiling of what any registration + fusion rule can reach). Each gives a fixed -> moving transform; the
-  ORIGINAL moving volume is warped once onto the reference grid, then fused with the reference by each rule
-  of :mod:`unifuse.fusion_rules` (``average``, ``max``, ``laplacian``): rows ``<registration>+<rule>``.
+* **UniFuse pipeline runs** (:data:`PIPELINE_VARIANTS`) — :func:`unifuse.pipeline.fuse` with one network
+  loaded once (shipped weights, ``--weights``, or an untrained network that the report flags),
+  ``degradation="auto"``, fused volume in [0, 1] (``map_back=False``), each with its own options: ``unifuse``
+  (the defaults), ``unifuse-refine-none`` / ``unifuse-refine-full`` (another refinement), and the ablations
+  without the network's field: ``affine+refine-fast``, ``affine+refine-full`` and ``affine-only``. Every run
+  records the guard's decisions (``report["alignment"]``) and its per-stage times (``report["timings_s"]``).
+* **registration baselines** (:mod:`unifuse.bench.baselines`) — ``none`` (header geometry: the floor),
+  ``sitk-rigid``, ``sitk-affine``, ``sitk-bspline``, ``ants-syn`` (in its own environment), ``elastix-bspline``
+  and, when the exact field is known, ``truth`` (the oracle). Each gives a fixed -> moving transform; the
+  ORIGINAL moving volume is warped once onto the reference grid, then (when ``rules`` are asked for) fused
+  with the reference by each rule of :mod:`unifuse.fusion_rules`: rows ``<registration>+<rule>``.
 
-Intensities (all methods alike): reference R and aligned moving A are mapped to [0, 1] with the pipeline's
-rules computed once per case on the reference and on the moving INPUT (:func:`unifuse.intensity.
-normalize_image`), so every method's aligned volume gets the same mapping; the clean aligned label L gets its
-own rule (it is a different acquisition).
-
-Metrics (DESIGN §7, :mod:`unifuse.metrics`):
-
-* fusion rows (need the label L): ``q_mse, q_cc, q_psnr, q_ssim, q_vif, q_scd`` of the fused volume against
-  the sources (R, L); ``q_vif`` is ``nan`` on volumes with an edge under 41 voxels (4-scale VIF undefined).
-* alignment rows (one per registration, UniFuse included): endpoint error (mean and max over the head,
-  R_[0,1] > 0.05, mm) against the true field; Dice (mean over labels) of the moving-pose labels warped by the
-  method vs the reference labels; % folding voxels (Jacobian det ≤ 0 of ``x -> x + U(x)`` on the reference
-  grid); MSE/CC/SSIM of A vs L (the paper's Table 6); and ``mind``, the mean local MIND dissimilarity of A
-  to R inside the reference's head mask (:func:`unifuse.error_maps.local_dissimilarity`; needs no truth).
-* cost: wall time per case per method (fusion rows: registration + rule) and peak memory
-  (:mod:`unifuse.bench.measure`).
+Every figure comes from :mod:`unifuse.evaluation` (the demo and the model card use the same code): the
+evaluation mask, endpoint error (mean, median, p95, max; mm), its reduction against header-only ``none`` of the
+same case (%), Dice of warped labels (mean and per label), folding (%), aligned-volume MSE/CC/SSIM against the
+moving volume resampled through the true field, ``mind`` (no truth needed), and the fusion metrics against the
+ideal sources (R, clean aligned label L). Cost: wall time per case per method and peak memory
+(:mod:`unifuse.bench.measure`).
 """
 
 from __future__ import annotations
@@ -35,7 +29,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -45,20 +39,27 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..errors import UniFuseError
+from ..evaluation import MASK_RULE, EvaluationCase, as_evaluation_case, evaluate_alignment, evaluate_fusion
+from ..evaluation import reduction_percent
 from ..metrics import FUSION_METRIC_KEYS
-from .baselines import (FULL_SETTINGS, QUICK_SETTINGS, REGISTRATION_METHODS, RegistrationSettings,
-                        normalized_for_registration, register_isolated, registration_method)
-from .cases import BENCH_FIRST_SEED, BENCH_TASKS, BenchCase, folder_cases, synthetic_cases
+from .baselines import (FULL_SETTINGS, QUICK_SETTINGS, REAL_SETTINGS, REGISTRATION_METHODS, RegistrationSettings,
+                        baseline_interpreter, normalized_for_registration, register_isolated, registration_method)
+from .cases import (BENCH_FIRST_SEED, BENCH_TASKS, REAL_CATEGORIES, BenchCase, folder_cases, real_cases,
+                    synthetic_cases)
 from .measure import Measurement, measure, memory_method
+from .report import guard_text
 
 __all__ = [
     "UNIFUSE",
     "TRUTH",
+    "HEADER_ONLY",
+    "PIPELINE_VARIANTS",
     "METHODS",
+    "SYNTHETIC_METHODS",
+    "REAL_METHODS",
     "FUSION_RULES",
     "FUSION_KEYS",
     "ALIGNMENT_KEYS",
-    "HEAD_THRESHOLD",
     "BenchOptions",
     "BenchResults",
     "machine_description",
@@ -67,14 +68,28 @@ __all__ = [
 
 UNIFUSE = "unifuse"
 TRUTH = "truth"
+HEADER_ONLY = "none"
+#: UniFuse pipeline runs: method name -> FuseOptions overrides (on top of the defaults) and a description.
+PIPELINE_VARIANTS: Dict[str, Tuple[Dict[str, Any], str]] = {
+    UNIFUSE: ({}, "the pipeline's defaults (affine, network field, fast refinement, guard)"),
+    "unifuse-refine-none": ({"refine": "none"}, "defaults without refinement"),
+    "unifuse-refine-full": ({"refine": "full"}, "defaults with the full refinement"),
+    "affine+refine-fast": ({"network": False, "refine": "fast"}, "ablation: no network field, fast refinement"),
+    "affine+refine-full": ({"network": False, "refine": "full"}, "ablation: no network field, full refinement"),
+    "affine-only": ({"network": False, "refine": "none"}, "ablation: the guarded affine stage alone"),
+}
 #: Every method name accepted by ``--methods``, in table order.
-METHODS: Tuple[str, ...] = (UNIFUSE, *REGISTRATION_METHODS, TRUTH)
+METHODS: Tuple[str, ...] = (*PIPELINE_VARIANTS, *REGISTRATION_METHODS, TRUTH)
+#: Default methods of the synthetic / ``--pairs`` benchmark.
+SYNTHETIC_METHODS: Tuple[str, ...] = (UNIFUSE, *REGISTRATION_METHODS, TRUTH)
+#: Default methods of ``--real``: every refinement, the ablations and every baseline.
+REAL_METHODS: Tuple[str, ...] = (*PIPELINE_VARIANTS, *REGISTRATION_METHODS)
 #: Fusion rules applied after each registration baseline.
 FUSION_RULES: Tuple[str, ...] = ("average", "max", "laplacian")
 FUSION_KEYS: Tuple[str, ...] = FUSION_METRIC_KEYS
-ALIGNMENT_KEYS: Tuple[str, ...] = ("epe_mm", "epe_max_mm", "dice", "folding_percent", "mse", "cc", "ssim", "mind")
-#: Head mask of the endpoint error: voxels where the [0, 1]-normalised reference exceeds this (as ``unifuse demo``).
-HEAD_THRESHOLD = 0.05
+#: Scalar alignment metrics of a row (``dice_per_label`` is recorded next to them).
+ALIGNMENT_KEYS: Tuple[str, ...] = ("epe_mm", "epe_median_mm", "epe_p95_mm", "epe_max_mm", "epe_reduction_percent",
+                                   "dice", "folding_percent", "mse", "cc", "ssim", "mind")
 
 Log = Callable[[str], None]
 
@@ -85,59 +100,82 @@ class BenchOptions:
 
     Attributes:
         quick: tiny inputs and cheap baseline settings [--quick].
-        tasks: synthetic tasks to run; None = all three unless ``pairs`` is given [--tasks].
-        cases_per_task: synthetic cases per task [--cases].
+        tasks: synthetic tasks to run; None = all three unless ``pairs`` or ``real`` is given [--tasks].
+        cases_per_task: synthetic cases per task; with ``real``: the first N real cases (None = all) [--cases].
+        case_names: with ``real`` or ``pairs``: only these cases (folder names) [--case].
         size: edge of the synthetic reference grid in voxels [--size].
         first_seed: first demo-stream seed of the synthetic cases.
         pairs: folder of user pairs [--pairs].
-        methods: methods to run (:data:`METHODS`) [--methods].
-        rules: fusion rules after each registration baseline (:data:`FUSION_RULES`) [--rules].
+        real: run the real-anatomy validation cases of ``cache`` [--real].
+        cache: the real-data cache (``unifuse data real``) [--cache].
+        split: which real split [--split].
+        methods: methods to run (:data:`METHODS`); None = :data:`SYNTHETIC_METHODS` or :data:`REAL_METHODS`
+            [--methods].
+        rules: fusion rules after each registration baseline (:data:`FUSION_RULES`); None = all three, or none
+            with ``real`` (alignment only) [--rules].
         weights: UniFuse checkpoint; None = shipped weights or untrained [--weights].
         config: config of an untrained network (forces an untrained network) [--config].
-        working_size: UniFuse working grid edge; None = the weights' [--working-size].
+        spacing_mm: UniFuse working-grid spacing (mm); None = the pipeline's default [--spacing].
         device: ``auto``, ``cpu`` or ``cuda`` [--device].
         threads: CPU threads for torch and the registration toolkits; None = all cores [--threads].
-        settings: registration effort; None = :data:`QUICK_SETTINGS` / :data:`FULL_SETTINGS`.
+        settings: registration effort; None = :data:`QUICK_SETTINGS` / :data:`FULL_SETTINGS` /
+            :data:`REAL_SETTINGS` (``real`` without ``quick``).
+        ants_python: interpreter with antspyx for ``ants-syn`` (None: :func:`baseline_interpreter`)
+            [--ants-python].
+        mind: compute the truth-free MIND dissimilarity of every aligned volume [--no-mind turns it off].
     """
 
     quick: bool = False
     tasks: Optional[Sequence[str]] = None
     cases_per_task: Optional[int] = None
+    case_names: Optional[Sequence[str]] = None
     size: Optional[int] = None
     first_seed: int = BENCH_FIRST_SEED
     pairs: Optional[Path] = None
-    methods: Sequence[str] = METHODS
-    rules: Sequence[str] = FUSION_RULES
+    real: bool = False
+    cache: Optional[Path] = None
+    split: str = "validation"
+    methods: Optional[Sequence[str]] = None
+    rules: Optional[Sequence[str]] = None
     weights: Optional[Path] = None
     config: Optional[str] = None
-    working_size: Optional[int] = None
+    spacing_mm: Optional[float] = None
     device: str = "auto"
     threads: Optional[int] = None
     settings: Optional[RegistrationSettings] = None
+    ants_python: Optional[str] = None
+    mind: bool = True
 
     def resolved(self) -> "BenchOptions":
         """A copy with every default filled in and every name validated (raises :class:`UniFuseError`)."""
-        from dataclasses import replace
-
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise UniFuseError(f"unknown or empty --methods {list(unknown or self.methods)}; choose from {', '.join(METHODS)}")
-        bad_rules = [r for r in self.rules if r not in FUSION_RULES]
+        methods = tuple(self.methods) if self.methods is not None else (REAL_METHODS if self.real else SYNTHETIC_METHODS)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise UniFuseError(f"unknown or empty --methods {list(unknown or methods)}; choose from {', '.join(METHODS)}")
+        rules = tuple(self.rules) if self.rules is not None else (() if self.real else FUSION_RULES)
+        bad_rules = [r for r in rules if r not in FUSION_RULES]
         if bad_rules:
             raise UniFuseError(f"unknown --rules {bad_rules}; choose from {', '.join(FUSION_RULES)}")
-        tasks = self.tasks if self.tasks is not None else (() if self.pairs is not None else BENCH_TASKS)
+        tasks = self.tasks if self.tasks is not None else (() if (self.pairs is not None or self.real) else BENCH_TASKS)
         bad_tasks = [t for t in tasks if t not in BENCH_TASKS]
         if bad_tasks:
             raise UniFuseError(f"unknown --tasks {bad_tasks}; choose from {', '.join(BENCH_TASKS)}")
         size = int(self.size if self.size is not None else (32 if self.quick else 64))
-        cases = int(self.cases_per_task if self.cases_per_task is not None else (1 if self.quick else 2))
-        if size < 16 or cases < 1:
+        default_cases = None if (self.real and not tasks) else (1 if self.quick else 2)
+        cases = self.cases_per_task if self.cases_per_task is not None else default_cases
+        if size < 16 or (cases is not None and int(cases) < 1):
             raise UniFuseError(f"--size must be ≥ 16 voxels and --cases ≥ 1; got size {size}, cases {cases}")
+        if self.spacing_mm is not None:
+            from ..options import FuseOptions
+
+            FuseOptions(spacing_mm=self.spacing_mm)  # validates the range (one-line UniFuseError)
+        cache = Path(self.cache) if self.cache is not None else (Path("real_data") if self.real else None)
         threads = int(self.threads or os.cpu_count() or 1)
-        settings = (self.settings or (QUICK_SETTINGS if self.quick else FULL_SETTINGS)).with_threads(threads)
-        return replace(self, tasks=tuple(tasks), size=size, cases_per_task=cases, threads=threads,
-                       methods=tuple(m for m in METHODS if m in self.methods),
-                       rules=tuple(r for r in FUSION_RULES if r in self.rules), settings=settings)
+        default = QUICK_SETTINGS if self.quick else (REAL_SETTINGS if self.real else FULL_SETTINGS)
+        settings = (self.settings or default).with_threads(threads)
+        return replace(self, tasks=tuple(tasks), size=size, cases_per_task=None if cases is None else int(cases),
+                       threads=threads, cache=cache, methods=tuple(m for m in METHODS if m in methods),
+                       rules=tuple(r for r in FUSION_RULES if r in rules), settings=settings)
 
 
 @dataclass
@@ -148,7 +186,8 @@ class BenchResults:
         meta: date, machine, software versions, options, model, memory method, notes.
         unavailable: method -> reason it could not run here.
         fusion: one dict per (case, fusion row): case, task, method, registration, rule, metrics, time, memory.
-        alignment: one dict per (case, registration incl. UniFuse): metrics, time, memory.
+        alignment: one dict per (case, registration incl. UniFuse runs): metrics, time, memory (UniFuse runs also
+            ``guard`` = the run's ``report["alignment"]``, ``timings_s``, degradation and warnings).
         failures: one dict per (case, method) that raised: the error message (the run goes on).
         examples: per task, central axial slices (2D float arrays in [0, 1]) of the first case:
             ``reference``, ``label`` (if known), ``moving`` (header geometry), ``aligned`` {registration: slice},
@@ -204,60 +243,22 @@ def machine_description() -> Dict[str, Any]:
 
 @dataclass
 class _CaseData:
-    """Per-case arrays shared by all methods (reference grid, (z, y, x), intensities in [0, 1])."""
+    """Per-case data shared by all methods: the evaluation case (masks, [0, 1] intensities, truth) and the
+    normalised copies given to the registration baselines."""
 
     case: BenchCase
-    ref_u: np.ndarray
-    label_u: Optional[np.ndarray]
-    moving_norm: Any  # IntensityNormalization of the moving input
-    head: np.ndarray  # bool, R_[0,1] > HEAD_THRESHOLD
-    mind_mask: sitk.Image
+    ev: EvaluationCase
     ref_for_reg: Optional[sitk.Image] = None
     mov_for_reg: Optional[sitk.Image] = None
 
 
 def _prepare(case: BenchCase) -> _CaseData:
-    from ..intensity import foreground_mask, normalize_image
-
-    ref_u, _ = normalize_image(case.reference)
-    _, moving_norm = normalize_image(case.moving)
-    label_u = normalize_image(case.truth_aligned)[0] if case.truth_aligned is not None else None
-    return _CaseData(case=case, ref_u=ref_u, label_u=label_u, moving_norm=moving_norm,
-                     head=ref_u > HEAD_THRESHOLD, mind_mask=foreground_mask(case.reference, dilate_mm=5.0))
+    return _CaseData(case=case, ev=as_evaluation_case(case))
 
 
 def _field_transform(displacement: sitk.Image) -> sitk.Transform:
     """A transform ``x -> x + U(x)`` from a displacement field (the field image is copied, not consumed)."""
     return sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
-
-
-def _alignment_metrics(data: _CaseData, aligned: sitk.Image, displacement: sitk.Image,
-                       jacobian: Optional[sitk.Image] = None) -> Dict[str, float]:
-    """Alignment metrics of one registration result (keys :data:`ALIGNMENT_KEYS`; absent truth -> absent key)."""
-    from .. import error_maps, metrics
-
-    case = data.case
-    out: Dict[str, float] = {}
-    if case.truth_displacement is not None:
-        u = np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0)  # (3, z, y, x) LPS mm
-        u_gt = np.moveaxis(sitk.GetArrayFromImage(case.truth_displacement), -1, 0)
-        # the fields are already in mm, so the voxel spacing of endpoint_error_mm is 1
-        epe = metrics.endpoint_error_mm(u, u_gt, 1.0, mask=data.head if data.head.any() else None)
-        out["epe_mm"], out["epe_max_mm"] = epe.mean_mm, epe.max_mm
-    if case.moving_labels is not None and case.reference_labels is not None:
-        warped = sitk.Resample(case.moving_labels, case.reference, _field_transform(displacement),
-                               sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
-        d = metrics.dice(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(case.reference_labels))
-        out["dice"] = d["mean"]
-    jac = jacobian if jacobian is not None else error_maps.jacobian_determinant_image(displacement)
-    out["folding_percent"] = metrics.folding_percent(sitk.GetArrayViewFromImage(jac))
-    aligned_u = data.moving_norm.apply(sitk.GetArrayFromImage(aligned))
-    if data.label_u is not None:
-        out.update(metrics.alignment_metrics(aligned_u, data.label_u))
-    keep = sitk.GetArrayViewFromImage(data.mind_mask) > 0
-    dis = sitk.GetArrayViewFromImage(error_maps.local_dissimilarity(case.reference, aligned, mask=data.mind_mask))
-    out["mind"] = float(dis[keep].mean()) if keep.any() else math.nan
-    return out
 
 
 def _fuse_rule(rule: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -278,13 +279,49 @@ def _memory(m: Measurement) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- main loop
 
 
+def _selected(cases: List[BenchCase], names: Optional[Sequence[str]], where: str) -> List[BenchCase]:
+    """``cases`` restricted to ``names`` (None: all); an unknown name is a user error."""
+    if names is None:
+        return cases
+    unknown = [n for n in names if n not in {c.name for c in cases}]
+    if unknown:
+        raise UniFuseError(f"--case {' '.join(unknown)}: no such case in {where}; choose from "
+                           f"{', '.join(c.name for c in cases)}")
+    return [c for c in cases if c.name in set(names)]
+
+
 def _cases(opts: BenchOptions, log: Log) -> Iterable[BenchCase]:
+    if opts.real:
+        cases = _selected(real_cases(opts.cache, opts.split), opts.case_names, f"{opts.cache} ({opts.split})")
+        if opts.cases_per_task is not None:
+            cases = cases[: opts.cases_per_task]
+        log(f"--real {opts.cache} ({opts.split}): {len(cases)} case(s): "
+            + ", ".join(f"{c.name} [{c.task}]" for c in cases))
+        yield from cases
     if opts.pairs is not None:
-        cases = folder_cases(opts.pairs)
+        cases = _selected(folder_cases(opts.pairs), opts.case_names, str(opts.pairs))
         log(f"--pairs {opts.pairs}: {len(cases)} case(s): {', '.join(c.name for c in cases)}")
         yield from cases
     if opts.tasks:
         yield from synthetic_cases(opts.tasks, opts.cases_per_task, opts.size, opts.first_seed)
+
+
+def _warm_up(loaded: Any, device: Any, opts: BenchOptions, variants: Sequence[str], log: Log) -> None:
+    """One untimed pipeline run per refinement setting on a small synthetic pair, so that one-off
+    initialisation (lazy imports, torch kernels) is not timed as the first case's."""
+    from ..data.synthetic import make_demo_case
+    from ..pipeline import fuse
+
+    if not variants:
+        return
+    demo = make_demo_case(size=24, task="t1-t2-motion", seed=BENCH_FIRST_SEED)
+    t0 = time.perf_counter()
+    for refine in sorted({PIPELINE_VARIANTS[v][0].get("refine", "fast") for v in variants}):
+        try:
+            fuse(demo.reference, demo.moving, device=str(device), model=loaded, map_back=False, refine=refine)
+        except Exception as exc:  # the timed runs will report it per case
+            log(f"warm-up (refine={refine}) failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    log(f"warm-up: {time.perf_counter() - t0:.1f} s (not counted)")
 
 
 def run_benchmark(options: BenchOptions, log: Optional[Log] = None) -> BenchResults:
@@ -300,6 +337,7 @@ def run_benchmark(options: BenchOptions, log: Optional[Log] = None) -> BenchResu
     """
     import torch
 
+    from ..options import FuseOptions
     from ..pipeline import load_model, resolve_device
 
     log = log or (lambda line: print(line, flush=True))
@@ -311,21 +349,23 @@ def run_benchmark(options: BenchOptions, log: Optional[Log] = None) -> BenchResu
     registrations: List[str] = []
     for name in opts.methods:
         if name in REGISTRATION_METHODS:
-            ok, reason = registration_method(name).availability()
+            ok, reason = registration_method(name).availability(baseline_interpreter(name, opts.ants_python))
             if ok:
                 registrations.append(name)
             else:
                 unavailable[name] = reason
                 log(f"{name}: unavailable: {reason}")
+    variants = [m for m in opts.methods if m in PIPELINE_VARIANTS]
     run_truth = TRUTH in opts.methods
 
     loaded = None
     model_info: Dict[str, Any] = {}
     device = resolve_device(opts.device)
-    if UNIFUSE in opts.methods:
+    if variants:
         loaded = load_model(opts.weights, opts.config, device)
         model_info = {"id": loaded.model_id, "config": loaded.config.name, "trained": loaded.trained,
-                      "source": loaded.source, "working_size": int(opts.working_size or loaded.config.working_size)}
+                      "source": loaded.source,
+                      "spacing_mm": FuseOptions(spacing_mm=opts.spacing_mm).working_spacing_mm}
         if not loaded.trained:
             from ..pipeline import UNTRAINED_WARNING
 
@@ -342,115 +382,169 @@ def run_benchmark(options: BenchOptions, log: Optional[Log] = None) -> BenchResu
         "synthetic": {"tasks": list(opts.tasks), "cases_per_task": opts.cases_per_task, "size": opts.size,
                       "seeds": [opts.first_seed + k for k in range(opts.cases_per_task)]} if opts.tasks else None,
         "pairs": str(opts.pairs) if opts.pairs is not None else None,
+        "real": {"cache": str(opts.cache), "split": opts.split, "categories": list(REAL_CATEGORIES),
+                 "cases": []} if opts.real else None,
         "methods": list(opts.methods),
         "rules": list(opts.rules),
+        "pipeline_variants": {v: {"options": PIPELINE_VARIANTS[v][0], "description": PIPELINE_VARIANTS[v][1]}
+                              for v in variants},
         "registration_settings": {k: (list(v) if isinstance(v, tuple) else v)
                                   for k, v in opts.settings.__dict__.items()},
         "registration_descriptions": {n: REGISTRATION_METHODS[n].description for n in registrations},
+        "interpreters": {n: baseline_interpreter(n, opts.ants_python) for n in registrations if n != HEADER_ONLY},
         "model": model_info or None,
         "memory_method": memory_method(),
-        "head_threshold": HEAD_THRESHOLD,
+        "evaluation_mask": MASK_RULE,
     }, unavailable=unavailable)
 
+    if loaded is not None and not opts.quick:  # --quick is a smoke test, not a measurement
+        _warm_up(loaded, device, opts, variants, log)
     t_start = time.perf_counter()
     for index, case in enumerate(_cases(opts, log)):
-        log(f"case {index + 1}: {case.name} (reference {case.reference.GetSize()}, moving {case.moving.GetSize()})")
-        _run_case(case, opts, registrations, run_truth, loaded, device, results, log)
+        log(f"case {index + 1}: {case.name} [{case.task}] (reference {case.reference.GetSize()}, "
+            f"moving {case.moving.GetSize()})")
+        if results.meta["real"] is not None:
+            results.meta["real"]["cases"].append({"case": case.name, **case.info})
+        _run_case(case, opts, variants, registrations, run_truth, loaded, device, results, log)
     results.meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
     return results
 
 
-def _run_case(case: BenchCase, opts: BenchOptions, registrations: Sequence[str], run_truth: bool, loaded: Any,
-              device: Any, results: BenchResults, log: Log) -> None:
-    from .. import geometry
-    from ..metrics import fusion_metrics
-    from ..pipeline import fuse
+class _CaseRun:
+    """Records the rows of one case into :class:`BenchResults` (alignment, fusion, failures, example slices)."""
 
-    data = _prepare(case)
-    example = None
-    if case.task not in results.examples:
-        pre = geometry.resample(case.moving, case.reference, default=float(data.moving_norm.low))
-        example = {"case": case.name, "reference": _mid(data.ref_u),
-                   "moving": _mid(data.moving_norm.apply(sitk.GetArrayFromImage(pre))),
-                   "label": _mid(data.label_u) if data.label_u is not None else None, "aligned": {}, "fused": {}}
-        results.examples[case.task] = example
-    base = {"case": case.name, "task": case.task}
+    def __init__(self, data: _CaseData, results: BenchResults, log: Log, fusion: bool) -> None:
+        self.data, self.results, self.log, self.fusion = data, results, log, fusion
+        case = data.case
+        self.base = {"case": case.name, "task": case.task}
+        self.example: Optional[Dict[str, Any]] = None
+        if case.task not in results.examples:
+            from .. import geometry
 
-    def record_fusion(method: str, registration: str, rule: str, fused: np.ndarray, seconds: float,
-                      memory: Dict[str, Any]) -> None:
-        row = {**base, "method": method, "registration": registration, "rule": rule, "seconds": seconds, **memory}
-        if data.label_u is not None:
-            row["metrics"] = fusion_metrics(data.ref_u, data.label_u, fused)
-        else:
-            row["metrics"] = {}
-        results.fusion.append(row)
-        if example is not None:
-            example["fused"][method] = _mid(fused)
+            ev = data.ev
+            pre = geometry.resample(case.moving, case.reference, default=float(ev.moving_norm.low))
+            self.example = {"case": case.name, "reference": _mid(ev.reference_u), "moving": _mid(ev.moving_u(pre)),
+                            "label": _mid(ev.label_u) if ev.label_u is not None else None, "aligned": {},
+                            "fused": {}}
+            results.examples[case.task] = self.example
 
-    def record_alignment(method: str, aligned: sitk.Image, displacement: sitk.Image, m: Measurement,
-                         jacobian: Optional[sitk.Image] = None, extra: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
-        values = _alignment_metrics(data, aligned, displacement, jacobian)
-        results.alignment.append({**base, "method": method, "metrics": values, "seconds": m.seconds,
-                                  **_memory(m), **(extra or {})})
-        if example is not None:
-            example["aligned"][method] = _mid(data.moving_norm.apply(sitk.GetArrayFromImage(aligned)))
+    def fusion_row(self, method: str, registration: str, rule: str, fused: np.ndarray, seconds: float,
+                   memory: Dict[str, Any]) -> None:
+        row = {**self.base, "method": method, "registration": registration, "rule": rule, "seconds": seconds,
+               **memory}
+        row["metrics"] = evaluate_fusion(self.data.ev, fused) if self.data.ev.label_u is not None else {}
+        self.results.fusion.append(row)
+        if self.example is not None:
+            self.example["fused"][method] = _mid(fused)
+
+    def alignment_row(self, method: str, aligned: sitk.Image, displacement: sitk.Image, m: Measurement,
+                      mind: bool, jacobian: Optional[sitk.Image] = None,
+                      extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        values = evaluate_alignment(self.data.ev, aligned, displacement, jacobian=jacobian, mind=mind)
+        per_label = values.pop("dice_per_label", None)
+        row = {**self.base, "method": method, "metrics": values, "seconds": m.seconds, **_memory(m), **(extra or {})}
+        if per_label is not None:
+            row["dice_per_label"] = per_label
+        self.results.alignment.append(row)
+        if self.example is not None:
+            self.example["aligned"][method] = _mid(self.data.ev.moving_u(aligned))
         return values
 
-    def fail(method: str, exc: BaseException) -> None:
+    def fail(self, method: str, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        results.failures.append({**base, "method": method, "error": message})
-        log(f"  {method:<16} FAILED: {message}")
+        self.results.failures.append({**self.base, "method": method, "error": message})
+        self.log(f"  {method:<20} FAILED: {message}")
 
-    if loaded is not None:
-        try:
-            with measure(device if device.type == "cuda" else None) as m:
-                result = fuse(case.reference, case.moving, degradation="auto", device=str(device), model=loaded,
-                              working_size=opts.working_size, map_back=False)
-            values = record_alignment(UNIFUSE, result.aligned, result.displacement, m, result.jacobian, {
-                "degradation_true": case.degradation, "degradation_predicted": result.report["degradation"]["predicted"],
-                "timings_s": result.report["timings_s"]})
-            record_fusion(UNIFUSE, UNIFUSE, UNIFUSE, sitk.GetArrayFromImage(result.fused), m.seconds, _memory(m))
-            log(f"  {UNIFUSE:<16} {m.seconds:7.2f} s  {_short(values)}")
-        except UniFuseError as exc:
-            fail(UNIFUSE, exc)
+    def add_reductions(self) -> None:
+        """``epe_reduction_percent`` of every row of this case against its header-only (``none``) row."""
+        rows = [r for r in self.results.alignment if r["case"] == self.base["case"] and r["task"] == self.base["task"]]
+        floor = next((r["metrics"].get("epe_mm") for r in rows if r["method"] == HEADER_ONLY), None)
+        if floor is None:
+            return
+        for r in rows:
+            if "epe_mm" in r["metrics"]:
+                r["metrics"]["epe_reduction_percent"] = reduction_percent(floor, r["metrics"]["epe_mm"])
 
+
+def _run_case(case: BenchCase, opts: BenchOptions, variants: Sequence[str], registrations: Sequence[str],
+              run_truth: bool, loaded: Any, device: Any, results: BenchResults, log: Log) -> None:
+    data = _prepare(case)
+    rec = _CaseRun(data, results, log, fusion=bool(opts.rules))
+    for name in variants:
+        _run_variant(name, rec, opts, loaded, device)
     methods: List[str] = list(registrations)
     if run_truth and case.truth_displacement is not None:
         methods.append(TRUTH)
     for name in methods:
-        try:
-            if name == TRUTH:
+        _run_registration(name, rec, opts)
+    rec.add_reductions()
+
+
+def _run_variant(name: str, rec: _CaseRun, opts: BenchOptions, loaded: Any, device: Any) -> None:
+    """One UniFuse pipeline run (:data:`PIPELINE_VARIANTS`) on the case: alignment row (+ fusion row)."""
+    from ..pipeline import fuse
+
+    case = rec.data.case
+    overrides = PIPELINE_VARIANTS[name][0]
+    try:
+        with measure(device if device.type == "cuda" else None) as m:
+            result = fuse(case.reference, case.moving, degradation="auto", device=str(device), model=loaded,
+                          spacing_mm=opts.spacing_mm, map_back=False, **overrides)
+        report = result.report
+        values = rec.alignment_row(name, result.aligned, result.displacement, m, opts.mind, result.jacobian, {
+            "options": {"network": overrides.get("network", True), "refine": report["options"]["refine"]},
+            "guard": report["alignment"], "timings_s": report["timings_s"],
+            "working_grid_spacing_mm": report["working_grid"].get("spacing_mm"),
+            "degradation_true": case.degradation, "degradation_predicted": report["degradation"]["predicted"],
+            "warnings": report.get("warnings", [])})
+        if rec.fusion or not opts.real:  # synthetic/pairs: UniFuse's own fused volume always has a row
+            rec.fusion_row(name, name, name, sitk.GetArrayFromImage(result.fused), m.seconds, _memory(m))
+    except Exception as exc:  # one failing run must not end the benchmark; it is listed under failures
+        rec.fail(name, exc)
+        return
+    rec.log(f"  {name:<20} {m.seconds:7.2f} s  {_short(values)}  [guard: {guard_text(report['alignment'])}]")
+
+
+def _run_registration(name: str, rec: _CaseRun, opts: BenchOptions) -> None:
+    """One registration baseline (or the oracle field): alignment row, then one fusion row per rule."""
+    from .. import geometry
+
+    data, case = rec.data, rec.data.case
+    low = float(data.ev.moving_norm.low)
+    try:
+        if name == TRUTH:
+            with measure() as m:
+                displacement = case.truth_displacement
+                aligned = geometry.warp_image(case.moving, _field_transform(displacement), case.reference, default=low)
+        else:
+            if data.ref_for_reg is None:
+                data.ref_for_reg = normalized_for_registration(case.reference)
+                data.mov_for_reg = normalized_for_registration(case.moving)
+            if name == HEADER_ONLY:
                 with measure() as m:
-                    transform = _field_transform(case.truth_displacement)
-                    displacement = case.truth_displacement
-                    aligned = geometry.warp_image(case.moving, transform, case.reference, default=float(data.moving_norm.low))
+                    transform = registration_method(name).register(data.ref_for_reg, data.mov_for_reg, opts.settings)
+                    displacement = geometry.transform_to_displacement(transform, case.reference)
             else:
-                if data.ref_for_reg is None:
-                    data.ref_for_reg = normalized_for_registration(case.reference)
-                    data.mov_for_reg = normalized_for_registration(case.moving)
-                if name == "none":
-                    with measure() as m:
-                        transform = registration_method(name).register(data.ref_for_reg, data.mov_for_reg, opts.settings)
-                        displacement = geometry.transform_to_displacement(transform, case.reference)
-                else:
-                    displacement, m = register_isolated(name, data.ref_for_reg, data.mov_for_reg, opts.settings)
-                    displacement.CopyInformation(case.reference)
-                t0 = time.perf_counter()
-                aligned = geometry.warp_image(case.moving, _field_transform(displacement), case.reference,
-                                              default=float(data.moving_norm.low))
-                m.seconds += time.perf_counter() - t0
-            values = record_alignment(name, aligned, displacement, m)
-        except Exception as exc:  # a toolkit failing on one case must not end the benchmark
-            fail(name, exc)
-            continue
-        log(f"  {name:<16} {m.seconds:7.2f} s  {_short(values)}")
-        aligned_u = data.moving_norm.apply(sitk.GetArrayFromImage(aligned))
-        for rule in opts.rules:
-            with measure() as mr:
-                fused = _fuse_rule(rule, data.ref_u, aligned_u)
-            memory = {"peak_rss_mb": max(m.peak_rss_mb, mr.peak_rss_mb),
-                      "rss_increase_mb": max(m.rss_increase_mb, mr.rss_increase_mb), "cuda_peak_mb": None}
-            record_fusion(f"{name}+{rule}", name, rule, fused, m.seconds + mr.seconds, memory)
+                displacement, m = register_isolated(name, data.ref_for_reg, data.mov_for_reg, opts.settings,
+                                                    python=baseline_interpreter(name, opts.ants_python))
+                displacement.CopyInformation(case.reference)
+            t0 = time.perf_counter()
+            aligned = geometry.warp_image(case.moving, _field_transform(displacement), case.reference, default=low)
+            m.seconds += time.perf_counter() - t0
+        values = rec.alignment_row(name, aligned, displacement, m, opts.mind)
+    except Exception as exc:  # a toolkit failing on one case must not end the benchmark
+        rec.fail(name, exc)
+        return
+    rec.log(f"  {name:<20} {m.seconds:7.2f} s  {_short(values)}")
+    if not opts.rules:
+        return
+    aligned_u = data.ev.moving_u(aligned)
+    for rule in opts.rules:
+        with measure() as mr:
+            fused = _fuse_rule(rule, data.ev.reference_u, aligned_u)
+        memory = {"peak_rss_mb": max(m.peak_rss_mb, mr.peak_rss_mb),
+                  "rss_increase_mb": max(m.rss_increase_mb, mr.rss_increase_mb), "cuda_peak_mb": None}
+        rec.fusion_row(f"{name}+{rule}", name, rule, fused, m.seconds + mr.seconds, memory)
 
 
 def _short(values: Dict[str, float]) -> str:

@@ -32,8 +32,10 @@ moving PET, degradation ``lowdose``)::
 Each study folder is one case. Labels for Dice: the dataset's segmentation (BraTS seg, SynthRAD mask,
 FDG SEG) when present, else the reference's foreground mask (:func:`unifuse.intensity.foreground_mask`).
 
-Splits are assigned per case by a hash of (split_seed, case id) with ``fractions`` (default 70/10/20 %),
-so a case never changes split when cases are added or removed; ``split="all"`` uses every case.
+Splits are assigned per subject by a hash of (split_seed, subject id) with ``fractions`` (default
+70/10/20 %), so a case never changes split when cases are added or removed and all studies of one patient
+(FDG-PET/CT: ``PETCT_…/<study>``) fall in the same split; for BraTS and SynthRAD the subject is the case.
+``split="all"`` uses every case.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from ..io import read_image
 from .degradations import DEGRADATIONS
 from .synthetic import SampleArrays, misalign_and_degrade, to_tensors
 
-__all__ = ["Layout", "LAYOUTS", "Case", "discover_cases", "split_of", "FolderPairs"]
+__all__ = ["Layout", "LAYOUTS", "Case", "discover_cases", "split_of", "subject_of", "FolderPairs"]
 
 PathLike = Union[str, Path]
 _NIFTI = (".nii.gz", ".nii")
@@ -90,6 +92,18 @@ class Case:
 
     case_id: str
     files: Dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def subject(self) -> str:
+        """The person the case belongs to: the case id up to its first ``/`` (FDG-PET/CT: the ``PETCT_…``
+        patient of a study; BraTS and SynthRAD: the case id). Splits are assigned per subject."""
+        return subject_of(self.case_id)
+
+
+def subject_of(case_id: str) -> str:
+    """Subject of a case id: the part before the first ``/`` (``PETCT_0011f3deaf/03-23-2003-…`` ->
+    ``PETCT_0011f3deaf``), the whole id when it has none."""
+    return case_id.split("/", 1)[0]
 
 
 def _nifti(folder: Path, stem: str) -> Optional[Path]:
@@ -255,6 +269,8 @@ class FolderPairs(Dataset):
         fractions: (train, val, test) fractions of cases.
         none_fraction: probability of leaving the moving volume undegraded when ``degradation`` is None.
         repeats: each case appears this many times (with different draws) per pass.
+        length: number of samples (default ``len(cases) × repeats``); sample i is still case ``i % n_cases``,
+            repeat ``i // n_cases``, so a length above ``len(cases)`` gives every visit of a case new draws.
         max_rot_deg, max_trans_mm, nonrigid_mm: misalignment bounds.
         options: layout options (BraTS ``reference``/``moving`` suffixes, SynthRAD ``region``).
 
@@ -274,6 +290,7 @@ class FolderPairs(Dataset):
         fractions: Sequence[float] = (0.7, 0.1, 0.2),
         none_fraction: float = 0.25,
         repeats: int = 1,
+        length: Optional[int] = None,
         max_rot_deg: float = 10.0,
         max_trans_mm: float = 10.0,
         nonrigid_mm: float = 4.0,
@@ -287,10 +304,12 @@ class FolderPairs(Dataset):
             raise ValueError(f"none_fraction must be in [0, 1]; got {none_fraction}")
         if int(size) < 8 or int(repeats) < 1:
             raise ValueError(f"size must be >= 8 and repeats >= 1; got size={size}, repeats={repeats}")
+        if length is not None and int(length) < 1:
+            raise ValueError(f"length must be >= 1 or None; got {length}")
         all_cases, self.skipped = discover_cases(root, layout, **options)
         self.layout = LAYOUTS[layout]
         self.split = split
-        self.cases = [c for c in all_cases if split == "all" or split_of(c.case_id, fractions, split_seed) == split]
+        self.cases = [c for c in all_cases if split == "all" or split_of(c.subject, fractions, split_seed) == split]
         if not self.cases:
             raise DatasetError(f"the {split} split of '{root}' is empty ({len(all_cases)} cases in total, "
                                f"fractions {tuple(fractions)}); use split='all' or other fractions")
@@ -299,12 +318,13 @@ class FolderPairs(Dataset):
         self.seed = int(seed)
         self.none_fraction = float(none_fraction)
         self.repeats = int(repeats)
+        self.length = len(self.cases) * self.repeats if length is None else int(length)
         self.misalignment = {"max_rot_deg": float(max_rot_deg), "max_trans_mm": float(max_trans_mm),
                              "nonrigid_mm": float(nonrigid_mm)}
         self._split_id = ("train", "val", "test", "all").index(split)
 
     def __len__(self) -> int:
-        return len(self.cases) * self.repeats
+        return self.length
 
     def _rng(self, case: Case, repeat: int, purpose: int) -> np.random.Generator:
         key = (self._split_id, _case_key(case.case_id), int(repeat), int(purpose))

@@ -13,17 +13,18 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import InputImageError
-from ..spatial import resize_field, warp
+from ..spatial import warp
 from .alignment import FeatureAlignment
 from .dapl import DAPL, DAPLOutput, SharedEncoder
 from .fusion import UFRF
 from .layers import Grid, tokens_to_volume
 from .oufr import OUFR
 
-__all__ = ["UniFuse", "UniFuseOutput", "build_model", "validate_config"]
+__all__ = ["UniFuse", "UniFuseOutput", "Analysis", "build_model", "field_to_token_grid", "validate_config"]
 
 States = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -53,6 +54,40 @@ class UniFuseOutput:
     tokens_ref: torch.Tensor
     tokens_mov: torch.Tensor
     dapl_states: States
+
+
+@dataclass
+class Analysis:
+    """What :meth:`UniFuse.analyse` computes once per pair (B batch, C encoder channels, N tokens, M width).
+
+    Attributes:
+        grid: working grid (S_z, S_y, S_x).
+        token_grid: (S_z/Q, S_y/Q, S_x/Q).
+        moving: (B, 1, S_z, S_y, S_x) the moving input.
+        feat_mov, feat_ref: (B, C, S_z, S_y, S_x) shared-encoder features F'_D, F_R.
+        dapl: DAPL output (logits, probs, prompt P̂, states).
+        tokens_mov, tokens_ref: (B, N, M) OUFR outputs F̄'_D, F̄_R.
+    """
+
+    grid: Grid
+    token_grid: Grid
+    moving: torch.Tensor
+    feat_mov: torch.Tensor
+    feat_ref: torch.Tensor
+    dapl: DAPLOutput
+    tokens_mov: torch.Tensor
+    tokens_ref: torch.Tensor
+
+
+def field_to_token_grid(u: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """A working-grid field (B, 3, S_z, S_y, S_x) in voxels -> the same motion on the token grid, in tokens.
+
+    Token t covers voxels ``t Q .. t Q + Q - 1`` and sits at their centre, so the token grid is cell-centred
+    on the voxel grid: the field is averaged over each Q³ patch (its value at the token) and divided by Q
+    (a shift of Q voxels is exactly one token). (Resampling with the align_corners=True convention, as
+    before, turned an 8-voxel shift on a 32³ grid into 0.77 token.)
+    """
+    return F.avg_pool3d(u, kernel_size=patch_size, stride=patch_size) / float(patch_size)
 
 
 def validate_config(cfg: ModelConfig) -> None:
@@ -189,13 +224,50 @@ class UniFuse(nn.Module):
         tokens_a, tokens_b, _ = self.oufr(feat_a, feat_b, hs)
         return tokens_a, tokens_b
 
+    def analyse(self, reference: torch.Tensor, moving: torch.Tensor) -> "Analysis":
+        """Shared encoder, DAPL and OUFR: everything the field prediction and the fusion share.
+
+        Args:
+            reference: (B, 1, S_z, S_y, S_x) good-quality reference volume I_R, intensities in [0, 1].
+            moving: (B, 1, S_z, S_y, S_x) degraded, misaligned volume I'_D on the same grid.
+
+        Returns:
+            :class:`Analysis` (features on the working grid, DAPL output, OUFR tokens).
+        """
+        grid = self.check_volumes(reference, moving)
+        both = self.encoder(torch.cat([moving, reference], dim=0))
+        feat_mov, feat_ref = both.chunk(2, dim=0)
+        dapl: DAPLOutput = self.dapl(feat_mov, feat_ref, moving=moving)
+        tokens_mov, tokens_ref, token_grid = self.oufr(feat_mov, feat_ref, dapl.states)
+        return Analysis(grid, token_grid, moving, feat_mov, feat_ref, dapl, tokens_mov, tokens_ref)
+
+    def predict_field(self, a: "Analysis", p: torch.Tensor) -> torch.Tensor:
+        """FA: the pull-back field u_{D->R} (B, 3, S_z, S_y, S_x), working-grid voxels, channels (x, y, z)."""
+        return self.fa(a.tokens_mov, a.tokens_ref, a.token_grid, a.grid, a.dapl.prompt, p,
+                       skip_mov=a.feat_mov, skip_ref=a.feat_ref)
+
+    def restore_and_fuse(self, a: "Analysis", u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """UFR&F: the fused volume (B, 1, S_z, S_y, S_x) in [0, 1] from the moving features warped by ``u``.
+
+        ``u`` is any pull-back field on the working grid (voxels, channels (x, y, z)): the network's own
+        (:meth:`predict_field`) or the pipeline's final one after its later alignment stages.
+        """
+        features = torch.cat([warp(a.feat_mov, u), a.feat_ref], dim=1)
+        u_tokens = field_to_token_grid(u, self.cfg.patch_size)
+        token_maps = torch.cat(
+            [warp(tokens_to_volume(a.tokens_mov, a.token_grid), u_tokens), tokens_to_volume(a.tokens_ref, a.token_grid)],
+            dim=1,
+        )
+        return self.ufrf(features, token_maps, a.dapl.prompt, p)
+
     def forward(
         self,
         reference: torch.Tensor,
         moving: torch.Tensor,
         degradation: Union[None, int, torch.Tensor] = None,
     ) -> UniFuseOutput:
-        """Align, restore and fuse ``moving`` onto ``reference``.
+        """Align, restore and fuse ``moving`` onto ``reference``: :meth:`analyse`, :meth:`predict_field`,
+        :meth:`restore_and_fuse`.
 
         Args:
             reference: (B, 1, S, S, S) good-quality reference volume I_R, intensities in [0, 1].
@@ -206,32 +278,21 @@ class UniFuse(nn.Module):
         Returns:
             :class:`UniFuseOutput`.
         """
-        grid = self.check_volumes(reference, moving)
-        both = self.encoder(torch.cat([moving, reference], dim=0))
-        feat_mov, feat_ref = both.chunk(2, dim=0)
-        dapl: DAPLOutput = self.dapl(feat_mov, feat_ref, moving=moving)
-        p = self.resolve_degradation(degradation, dapl.probs)
-        tokens_mov, tokens_ref, token_grid = self.oufr(feat_mov, feat_ref, dapl.states)
-        u = self.fa(tokens_mov, tokens_ref, token_grid, grid, dapl.prompt, p, skip_mov=feat_mov, skip_ref=feat_ref)
+        a = self.analyse(reference, moving)
+        p = self.resolve_degradation(degradation, a.dapl.probs)
+        u = self.predict_field(a, p)
         aligned = warp(moving, u)
-        features = torch.cat([warp(feat_mov, u), feat_ref], dim=1)
-        del both, feat_mov, feat_ref  # full-resolution maps no longer needed (frees memory at inference)
-        u_tokens = resize_field(u, token_grid)
-        token_maps = torch.cat(
-            [warp(tokens_to_volume(tokens_mov, token_grid), u_tokens), tokens_to_volume(tokens_ref, token_grid)],
-            dim=1,
-        )
-        fused = self.ufrf(features, token_maps, dapl.prompt, p)
+        fused = self.restore_and_fuse(a, u, p)
         return UniFuseOutput(
             fused=fused,
             displacement=u,
             aligned=aligned,
-            logits=dapl.logits,
-            probs=dapl.probs,
-            prompt=dapl.prompt,
-            tokens_ref=tokens_ref,
-            tokens_mov=tokens_mov,
-            dapl_states=dapl.states,
+            logits=a.dapl.logits,
+            probs=a.dapl.probs,
+            prompt=a.dapl.prompt,
+            tokens_ref=a.tokens_ref,
+            tokens_mov=a.tokens_mov,
+            dapl_states=a.dapl.states,
         )
 
 

@@ -5,9 +5,13 @@ Hook into :mod:`unifuse.cli` with::
     add_train_parser(sub)                      # adds both sub-commands
     handlers = {..., "train": run_train, "evaluate": run_evaluate}
 
-``unifuse train --config CONFIG --out DIR [--resume] [--steps N] [--device auto|cpu|cuda] [--threads T] [--init-from W]``
+``unifuse train --config CONFIG --out DIR [--resume] [--steps N] [--stop-at K] [--batch-size B] [--device auto|cpu|cuda]
+[--threads T] [--init-from W] [--data DIR --layout brats2020|synthrad2023|fdg-petct [--mix-synthetic F]]``
     CONFIG is a named training config (``tiny``, ``cpu``, ``cpu_finetune``, ``cpu_stats``, ``gpu``; :mod:`unifuse.train.configs`) or a JSON file
     of TrainConfig fields. Progress goes to stderr, logs and checkpoints to DIR (see :mod:`unifuse.train.trainer`).
+    ``--data``/``--layout`` train on a dataset folder instead of synthetic pairs (:mod:`unifuse.train.datasets`).
+    Under ``torchrun`` (``torchrun --nproc_per_node N -m unifuse.train ...``, the same arguments) every process
+    joins one data-parallel run (:mod:`unifuse.train.distributed`); ``--batch-size`` is the global batch.
 
 ``unifuse evaluate --weights W [--out DIR] [--cases N] [--seed S] [--device ...] [--model-card] [--publish]``
     Held-out evaluation of a checkpoint against the no-registration average/max baselines; prints a table,
@@ -28,25 +32,17 @@ from pathlib import Path
 
 from ..errors import UniFuseError
 
-__all__ = ["add_train_parser", "run_train", "run_evaluate", "publish_checkpoint"]
+__all__ = ["add_train_parser", "add_train_arguments", "train_config_from_args", "run_train", "run_evaluate",
+           "publish_checkpoint"]
 
 
 def add_train_parser(subparsers: "argparse._SubParsersAction") -> None:
     """Add the ``train`` and ``evaluate`` sub-commands to an ``argparse`` sub-parser collection."""
-    from .configs import TRAIN_CONFIGS
     from .evaluate import HELDOUT_CASES, HELDOUT_SEED
 
-    p = subparsers.add_parser("train", help="train UniFuse on synthetic pairs (resumable; logs and checkpoints in --out)")
-    p.add_argument("--config", required=True,
-                   help=f"training config: one of {', '.join(TRAIN_CONFIGS)} or a JSON file of TrainConfig fields")
-    p.add_argument("--out", required=True, type=Path, help="run folder for logs, training state and checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--steps", type=int, default=None, help="total optimisation steps (overrides the config)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (overrides the config)")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help="start from this trained checkpoint (fine-tuning; same network config, or one without "
-                        "the degradation-statistics branch, which is then added)")
+    p = subparsers.add_parser("train", help="train UniFuse on synthetic pairs or a dataset folder (resumable; "
+                                            "data-parallel under torchrun; logs and checkpoints in --out)")
+    add_train_arguments(p)
 
     p = subparsers.add_parser("evaluate", help="evaluate a checkpoint on the held-out synthetic set against baselines")
     p.add_argument("--weights", required=True, type=Path, help="UniFuse checkpoint (.pt with its .sha256)")
@@ -61,10 +57,40 @@ def add_train_parser(subparsers: "argparse._SubParsersAction") -> None:
                         "model card describes the exact shipped file (use --out UniFuseSlicer/Resources/Models)")
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Run (or resume) a training run from parsed ``unifuse train`` arguments; returns the exit code."""
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``unifuse train`` (also those of ``python -m unifuse.train`` under torchrun)."""
+    from .configs import DATA_LAYOUTS, TRAIN_CONFIGS
+
+    p.add_argument("--config", required=True,
+                   help=f"training config: one of {', '.join(TRAIN_CONFIGS)} or a JSON file of TrainConfig fields")
+    p.add_argument("--out", required=True, type=Path, help="run folder for logs, training state and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--steps", type=int, default=None, help="total optimisation steps (overrides the config)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="compute device (default: auto; under torchrun a CUDA rank uses GPU LOCAL_RANK)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (overrides the config)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this trained checkpoint (fine-tuning; same network config, or one without "
+                        "the degradation-statistics branch, which is then added)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch per optimisation step, over all processes (overrides the config; under "
+                        "torchrun a multiple of the number of processes)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="K",
+                   help="stop after step K and save the state (resume later with --resume; e.g. to fit a job's "
+                        "time limit); the learning-rate schedule still runs over --steps")
+    g = p.add_argument_group("training on a dataset folder")
+    g.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="dataset folder to train on instead of synthetic pairs (needs --layout)")
+    g.add_argument("--layout", choices=DATA_LAYOUTS, default=None,
+                   help="layout of --data: brats2020 (T1 -> T2, motion), synthrad2023 (MR -> CT, metal), "
+                        "fdg-petct (CT -> PET, low dose)")
+    g.add_argument("--mix-synthetic", type=float, default=None, metavar="F",
+                   help="fraction in [0, 1) of the training samples taken from synthetic pairs (default 0)")
+
+
+def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
+    """The :class:`~unifuse.train.configs.TrainConfig` of parsed ``unifuse train`` arguments (config + overrides)."""
     from .configs import get_train_config
-    from .trainer import Trainer
 
     config = get_train_config(args.config)
     changes = {}
@@ -74,15 +100,41 @@ def run_train(args: argparse.Namespace) -> int:
         changes["num_threads"] = int(args.threads)
     if getattr(args, "init_from", None) is not None:
         changes["init_from"] = str(args.init_from)
-    if changes:
-        config = config.replace(**changes)
-    trainer = Trainer(config, args.out, device=args.device, resume=args.resume)
-    result = trainer.fit()
-    print(f"steps      {result.step}/{config.steps}")
-    print(f"best       step {result.best_step}, validation loss {result.best_val_loss}")
-    print(f"best.pt    {result.best_checkpoint}")
-    print(f"final.pt   {result.final_checkpoint}")
-    print(f"wall time  {result.wall_time_s:.1f} s")
+    if getattr(args, "batch_size", None) is not None:
+        changes["batch_size"] = int(args.batch_size)
+    if getattr(args, "data", None) is not None or getattr(args, "layout", None) is not None:
+        if args.data is None or args.layout is None:
+            raise UniFuseError("--data and --layout go together: unifuse train --data DIR --layout "
+                               "brats2020|synthrad2023|fdg-petct")
+        changes["data_root"] = str(Path(args.data).expanduser().resolve())
+        changes["data_layout"] = args.layout
+    if getattr(args, "mix_synthetic", None) is not None:
+        changes["mix_synthetic"] = float(args.mix_synthetic)
+    return config.replace(**changes) if changes else config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run (or resume) a training run from parsed ``unifuse train`` arguments; returns the exit code.
+
+    Under torchrun every process runs this; rank 0 prints the summary."""
+    from .distributed import init_distributed
+    from .trainer import Trainer
+
+    config = train_config_from_args(args)
+    if getattr(args, "stop_at", None) is not None and args.stop_at < 1:
+        raise UniFuseError(f"--stop-at must be a step >= 1 (got {args.stop_at})")
+    dist = init_distributed(args.device)
+    try:
+        trainer = Trainer(config, args.out, device=args.device, resume=args.resume, dist=dist)
+        result = trainer.fit(stop_at=getattr(args, "stop_at", None))
+    finally:
+        dist.close()
+    if dist.is_main:
+        print(f"steps      {result.step}/{config.steps}{'' if result.finished else ' (stopped; continue with --resume)'}")
+        print(f"best       step {result.best_step}, validation loss {result.best_val_loss}")
+        print(f"best.pt    {result.best_checkpoint}")
+        print(f"final.pt   {result.final_checkpoint}")
+        print(f"wall time  {result.wall_time_s:.1f} s")
     return 0
 
 

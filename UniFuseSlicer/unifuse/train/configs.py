@@ -49,10 +49,18 @@ __all__ = [
     "gpu",
     "get_train_config",
     "load_train_config",
+    "DATA_LAYOUTS",
+    "FOLDER_OPTION_KEYS",
 ]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 INIT_CHOICES = ("he_conv", "pytorch")
+#: Dataset-folder layouts the trainer reads (the keys of :data:`unifuse.data.folders.LAYOUTS`; listed here so
+#: that reading a config does not import the imaging stack).
+DATA_LAYOUTS = ("brats2020", "synthrad2023", "fdg-petct")
+#: ``folder_options`` keys: :class:`unifuse.data.folders.FolderPairs` arguments a config may set.
+FOLDER_OPTION_KEYS = ("degradation", "split_seed", "fractions", "none_fraction", "max_rot_deg", "max_trans_mm",
+                      "nonrigid_mm", "region", "reference", "moving")
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,23 @@ class TrainConfig:
         train_seed: seed of the training cases (case i is a pure function of (train_seed, i)).
         val_seed: seed of the held-out set; must differ from ``train_seed`` so the sets do not overlap.
         data_options: extra keyword arguments of :class:`unifuse.data.synthetic.SyntheticPairs`.
+        data_root: dataset folder to train on (None = synthetic pairs only). Its cases are read by
+            :class:`unifuse.data.folders.FolderPairs` (layout ``data_layout``), resampled to the training grid
+            and misaligned and degraded on the fly exactly like synthetic pairs; the cases' subjects are split
+            into train/val/test by a stable hash (``folder_options["fractions"]``, default 70/10/20 %):
+            training uses the train split, validation the val split, the test split is left for evaluation.
+            ``train_samples`` is then the number of distinct (case, draw) samples, each case visited
+            ``≈ train_samples / cases`` times with new draws; ``val_samples`` is the minimum validation
+            samples (every validation case at least once). Not compared on ``--resume`` (the case list is).
+        data_layout: ``brats2020``, ``synthrad2023`` or ``fdg-petct`` (required with ``data_root``).
+        mix_synthetic: fraction in [0, 1) of the training samples drawn from synthetic pairs instead of the
+            dataset (with ``data_root``): ``round(mix_synthetic × train_samples)`` synthetic cases join the
+            data set and the seeded epoch permutation interleaves them; validation uses the dataset only.
+        folder_options: :class:`~unifuse.data.folders.FolderPairs` options (:data:`FOLDER_OPTION_KEYS`:
+            ``degradation``, ``split_seed``, ``fractions``, ``none_fraction``, the misalignment bounds, SynthRAD
+            ``region``, BraTS ``reference``/``moving`` sequence suffixes); misalignment bounds and
+            ``none_fraction`` default to ``data_options``' values. Unused without ``data_root`` (so one config
+            file can name the options and ``--data`` the folder).
         cache_train: keep generated training cases in memory (worth it when epochs repeat cases and the
             synthesis costs more than a step; memory ≈ train_samples × ~12 volumes × S³ × 4 bytes).
         num_workers: DataLoader worker processes for the training set (0 = synthesise in the main process).
@@ -122,6 +147,10 @@ class TrainConfig:
     train_seed: int = 1
     val_seed: int = 1_000_003
     data_options: Dict[str, Any] = field(default_factory=dict)
+    data_root: Optional[str] = None
+    data_layout: Optional[str] = None
+    mix_synthetic: float = 0.0
+    folder_options: Dict[str, Any] = field(default_factory=dict)
     cache_train: bool = False
     num_workers: int = 0
     loss_weights: Dict[str, Any] = field(default_factory=dict)
@@ -162,6 +191,7 @@ class TrainConfig:
             problems.append(f"num_workers must be >= 0 (got {self.num_workers})")
         if self.cache_train and self.num_workers > 0:
             problems.append("cache_train keeps cases in the main process and needs num_workers=0 (workers would each cache a copy)")
+        problems += self._data_problems()
         if self.num_threads is not None and self.num_threads < 1:
             problems.append(f"num_threads must be >= 1 or None (got {self.num_threads})")
         if not problems and self.working_size is not None:
@@ -170,6 +200,28 @@ class TrainConfig:
                 problems.append(f"working_size {self.working_size} must be a positive multiple of {mult} for model {self.model!r}")
         if problems:
             raise UniFuseError(f"invalid training config {self.name!r}: " + "; ".join(problems))
+
+    def _data_problems(self) -> list:
+        """What is wrong with the dataset fields (empty when nothing)."""
+        problems = []
+        if (self.data_root is None) != (self.data_layout is None):
+            problems.append("data_root and data_layout go together (unifuse train --data DIR --layout LAYOUT)")
+        if self.data_layout is not None and self.data_layout not in DATA_LAYOUTS:
+            problems.append(f"data_layout {self.data_layout!r} is not one of {', '.join(DATA_LAYOUTS)}")
+        mix = self.mix_synthetic
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix < 1.0:
+            problems.append(f"mix_synthetic must be a fraction in [0, 1) (got {mix!r})")
+        elif mix > 0 and self.data_root is None:
+            problems.append("mix_synthetic mixes synthetic pairs into a dataset; it needs data_root (--data)")
+        unknown = sorted(set(self.folder_options) - set(FOLDER_OPTION_KEYS))
+        if unknown:
+            problems.append(f"unknown folder_options {unknown}; known: {', '.join(FOLDER_OPTION_KEYS)}")
+        return problems
+
+    @property
+    def uses_dataset(self) -> bool:
+        """True when the run trains on a dataset folder (``data_root``)."""
+        return self.data_root is not None
 
     def model_config(self) -> ModelConfig:
         """The network config, with ``working_size`` set to the training grid (recorded in the checkpoint)."""

@@ -10,10 +10,11 @@ training or validation run uses), on the working grid the weights were trained a
 * **Fusion metrics** (:func:`unifuse.metrics.fusion_metrics`) compare each F with the two *ideal aligned
   sources*: R and the clean moving volume aligned by the true field, ``label = warp(D_fine, u_gt)`` (the
   paper's "high-quality label"). All volumes are on the working grid, intensities in [0, 1].
-* **Alignment**: endpoint error ‖(u − u_gt) ⊙ spacing‖ in mm over the head (R > 0.05, as in the demo) next
-  to no registration (u = 0); folding % of det J ≤ 0 over the whole grid; aligned-vs-label MSE/CC/SSIM of
-  warp(D', u) vs warp(D', u_gt); Dice of the moving tissue labels warped (nearest) by u vs by u_gt when the
-  dataset provides labels.
+* **Alignment** (:mod:`unifuse.evaluation`, the same code as ``unifuse demo`` and ``unifuse bench``):
+  endpoint error ‖u − u_gt‖ in mm over the evaluation mask (R's foreground where u_gt stays inside the grid)
+  next to no registration (u = 0); folding % of det J ≤ 0 over the whole grid; aligned MSE/CC/SSIM of
+  warp(D', u) vs warp(D', u_gt); Dice of the moving tissue labels warped (nearest) by u against the reference
+  labels (or, without them, the moving labels warped by u_gt) when the dataset provides labels.
 * **Degradation**: accuracy and confusion matrix of argmax p against the true class.
 
 :func:`check_targets` compares the means with the project's targets (issue 3) and
@@ -37,7 +38,7 @@ from .. import __version__
 from ..config import DEGRADATION_CLASSES, DEGRADATION_LABELS
 from ..errors import UniFuseError
 from ..metrics import FUSION_METRIC_KEYS
-from ..spatial import jacobian_determinant, warp
+from ..spatial import warp
 
 __all__ = [
     "HELDOUT_SEED",
@@ -58,8 +59,6 @@ HELDOUT_CASES = 32
 #: Methods compared, in table order.
 METHODS = ("unifuse", "no_registration+average", "no_registration+max")
 FUSION_KEYS = FUSION_METRIC_KEYS
-#: Head mask for the endpoint error: voxels where the normalised reference exceeds this.
-HEAD_THRESHOLD = 0.05
 
 
 def _mean_std(values: Sequence[float]) -> Dict[str, float]:
@@ -100,8 +99,9 @@ def evaluate_model(
         ``{"cases", "fusion": {method: {metric: {mean, std, n}}}, "fusion_by_degradation": {...},
         "alignment": {...}, "degradation": {...}}`` (see the module docstring).
     """
+    from ..evaluation import (EvaluationCase, displacement_from_voxels, evaluate_alignment, evaluate_fusion,
+                              zero_displacement)
     from ..fusion_rules import fuse_average, fuse_max
-    from ..metrics import alignment_metrics, dice, endpoint_error_mm, folding_percent, fusion_metrics
 
     device = torch.device(device)
     model.eval().to(device)
@@ -136,36 +136,25 @@ def evaluate_model(
         }
         deg_name = DEGRADATION_CLASSES[deg_true]
         for method, f in fused.items():
-            values = fusion_metrics(r_np, label_np, f)
+            values = evaluate_fusion(None, f, sources=(r_np, label_np))
             for k in FUSION_KEYS:
                 fusion[method][k].append(values[k])
                 by_deg.setdefault(deg_name, {}).setdefault(method, {}).setdefault(k, []).append(values[k])
 
-        spacing = _case_spacing(case, spacing_mm)
-        head = r_np > HEAD_THRESHOLD
-        mask = head if head.any() else None
-        u_np = u[0].cpu().numpy()
-        gt_np = u_gt[0].cpu().numpy()
-        epe_after.append(endpoint_error_mm(u_np, gt_np, spacing, mask).mean_mm)
-        epe_before.append(endpoint_error_mm(np.zeros_like(gt_np), gt_np, spacing, mask).mean_mm)
-        folding.append(folding_percent(jacobian_determinant(u).cpu().numpy()))
-
-        target_aligned = warp(mov, u_gt)[0, 0].cpu().numpy()
-        for k, v in alignment_metrics(out.aligned[0, 0].float().cpu().numpy(), target_aligned).items():
-            align_after[k].append(v)
-        for k, v in alignment_metrics(m_np, target_aligned).items():
-            align_before[k].append(v)
-        if case.get("labels") is not None:
-            labels = torch.as_tensor(case["labels"]).to(device).float().reshape(1, 1, *ref.shape[2:])
-            if case.get("labels_reference") is not None:
-                lab_gt = torch.as_tensor(case["labels_reference"]).long().cpu().numpy()
-            else:
-                lab_gt = warp(labels, u_gt, mode="nearest").round().long()[0, 0].cpu().numpy()
-            lab_est = warp(labels, u, mode="nearest").round().long()[0, 0].cpu().numpy()
-            lab_none = labels.round().long()[0, 0].cpu().numpy()
-            present = [int(v) for v in np.unique(lab_gt) if v != 0]
-            dice_after.append(dice(lab_est, lab_gt, present)["mean"])
-            dice_before.append(dice(lab_none, lab_gt, present)["mean"])
+        ev_case = EvaluationCase.from_working_grid(
+            r_np, m_np, _case_spacing(case, spacing_mm), truth_voxels=u_gt[0],
+            reference_labels=case.get("labels_reference"), moving_labels=case.get("labels"))
+        after = evaluate_alignment(ev_case, None, displacement_from_voxels(u[0], ev_case.reference))
+        before = evaluate_alignment(ev_case, None, zero_displacement(ev_case.reference))
+        epe_after.append(after["epe_mm"])
+        epe_before.append(before["epe_mm"])
+        folding.append(after["folding_percent"])
+        for k in align_after:
+            align_after[k].append(after[k])
+            align_before[k].append(before[k])
+        if "dice" in after:
+            dice_after.append(after["dice"])
+            dice_before.append(before["dice"])
 
         confusion[deg_true, int(out.probs[0].argmax())] += 1
         if progress is not None:
@@ -346,7 +335,10 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
     L.append("# UniFuse 3D — shipped weights (`unifuse_default.pt`)\n")
     L.append(f"Model id `{ck['model_id']}`, SHA-256 `{ck['sha256']}`, unifuse {card['unifuse_version']}, "
              f"card written {card['date_utc']}.\n")
-    L.append("**Research software. Not for clinical use.** Trained on synthetic brain volumes only.\n")
+    data = tr.get("training_data") or {}
+    source = (f"the `{data['dataset'].get('layout')}` dataset folder" + (" and synthetic pairs" if data.get("mix_synthetic") else "")
+              if data.get("dataset") else "synthetic brain volumes only")
+    L.append(f"**Research software. Not for clinical use.** Trained on {source}.\n")
     L.append("## Model\n")
     L.append(f"UniFuse 3D network (`{cfg['name']}` config): {ck['parameters']:,} parameters, working grid "
              f"{cfg['working_size']}³, encoder C={cfg['enc_channels']}, patch Q={cfg['patch_size']}, tokens M={cfg['embed_dim']}, "
@@ -373,7 +365,8 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
     if stages:
         L.append(f"- Stage {len(stages) + 1} (the shipped weights) continues from stage {len(stages)}:")
     td = tr.get("training_data", {})
-    L.append(f"- Data: `{td.get('generator', 'SyntheticPairs')}` — {td.get('train', {}).get('cases')} synthetic training cases "
+    kind = "training samples" if td.get("dataset") else "synthetic training cases"
+    L.append(f"- Data: `{td.get('generator', 'SyntheticPairs')}` — {td.get('train', {}).get('cases')} {kind} "
              f"(seed {td.get('train', {}).get('seed')}), {td.get('validation', {}).get('cases')} validation cases "
              f"(seed {td.get('validation', {}).get('seed')}) at {cfg['working_size']}³; options {json.dumps(td.get('options', {}))}.")
     L.append(f"- Optimisation: AdamW, lr {tc.get('lr')} → {tc.get('lr_min')} cosine ({tc.get('warmup_steps')} warm-up steps), "

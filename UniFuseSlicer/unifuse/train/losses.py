@@ -175,6 +175,7 @@ def loss_moda(
     tau: float = 0.1,
     num_negatives: int = 32,
     generator: Optional[torch.Generator] = None,
+    batch_slice: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Contrastive InfoNCE loss L_cont(F1, F2) of eq. (5), averaged over all positions and the batch.
 
@@ -191,6 +192,10 @@ def loss_moda(
         tau: temperature τ (paper: 0.1).
         num_negatives: K, negatives per anchor.
         generator: CPU :class:`torch.Generator` for the negative sampling; the same seed gives the same loss.
+        batch_slice: ``(offset, global_batch)`` when these B items are items ``offset … offset + B − 1`` of a
+            larger batch split across processes (data-parallel training): the negatives are drawn for the
+            whole ``global_batch`` and this slice is used, so every item gets the negatives it would get in
+            one process and the generator advances identically in every process. None = ``(0, B)``.
 
     Returns:
         Scalar loss (≥ 0).
@@ -210,7 +215,10 @@ def loss_moda(
     zb = F.normalize(tokens_b, dim=-1)
     positive = (za * zb).sum(dim=-1, keepdim=True)  # (B, N, 1)
     # j uniform over the N-1 positions other than i: draw r in [0, N-2], skip i
-    r = torch.randint(0, n - 1, (b, n, num_negatives), generator=generator).to(tokens_a.device)
+    offset, total = (0, b) if batch_slice is None else (int(batch_slice[0]), int(batch_slice[1]))
+    if not 0 <= offset <= total - b:
+        raise ValueError(f"batch_slice {batch_slice} does not hold a slice of {b} items")
+    r = torch.randint(0, n - 1, (total, n, num_negatives), generator=generator)[offset:offset + b].to(tokens_a.device)
     anchor_pos = torch.arange(n, device=tokens_a.device).view(1, n, 1)
     neg_idx = r + (r >= anchor_pos).long()
     negatives_b = torch.gather(
@@ -368,6 +376,7 @@ class UniFuseLoss(torch.nn.Module):
         aligned_fine: Optional[torch.Tensor] = None,
         reference: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        batch_slice: Optional[Tuple[int, int]] = None,
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Compute the weighted total and the unweighted components.
 
@@ -378,6 +387,8 @@ class UniFuseLoss(torch.nn.Module):
             displacement, displacement_gt: (B, 3, D, H, W) predicted / ground-truth fields (voxels, x, y, z).
             fused, aligned_fine, reference: (B, 1, D, H, W) volumes of :func:`loss_rf`.
             generator: CPU generator for L_moda's negative sampling.
+            batch_slice: ``(offset, global_batch)`` of these items in a batch split across processes
+                (see :func:`loss_moda`); None = the whole batch is here.
 
         Returns:
             ``(total, components)``: ``total`` is a scalar tensor to back-propagate; ``components`` maps
@@ -402,7 +413,8 @@ class UniFuseLoss(torch.nn.Module):
             if len(token_pairs) == 0:
                 raise ValueError("loss term moda has weight > 0 but token_pairs is empty")
             terms["moda"] = sum(
-                loss_moda(ta, tb, tau=w.tau, num_negatives=w.num_negatives, generator=generator) for ta, tb in token_pairs
+                loss_moda(ta, tb, tau=w.tau, num_negatives=w.num_negatives, generator=generator, batch_slice=batch_slice)
+                for ta, tb in token_pairs
             )
             weighted.append(w.moda * terms["moda"])
         if w.reg > 0:

@@ -1,4 +1,5 @@
-"""The UniFuse trainer: seeded, resumable, logged training on synthetic pairs (paper §4.2).
+"""The UniFuse trainer: seeded, resumable, logged training on synthetic pairs or a dataset folder (paper §4.2),
+in one process or data-parallel over several (:mod:`unifuse.train.distributed`).
 
 One optimisation step (``Trainer.train_step``)::
 
@@ -27,9 +28,14 @@ Output folder (``out_dir``)::
     summary.json        best step, best validation loss, wall time, steps
 
 Determinism: the network initialisation, the data order (a seeded permutation per epoch; case i of the
-synthetic set is a function of (seed, i)), L_moda's negative sampling and every other random choice are
-seeded; resuming restores all RNG states, so on CPU a resumed run ends with the same parameters as an
-uninterrupted one. CUDA runs are seeded but not bit-reproducible (non-deterministic kernels).
+synthetic set is a function of (seed, i), a dataset sample of (seed, case id, repeat)), L_moda's negative
+sampling and every other random choice are seeded; resuming restores all RNG states, so on CPU a resumed run
+ends with the same parameters as an uninterrupted one. CUDA runs are seeded but not bit-reproducible
+(non-deterministic kernels). Data-parallel runs (``torchrun``) give the updates of one process with the same
+global batch (up to floating-point summation order) and resume on any number of processes.
+
+Data (:mod:`unifuse.train.datasets`): synthetic pairs, or with ``TrainConfig.data_root`` a BraTS2020,
+SynthRAD2023 or FDG-PET/CT folder (optionally mixed with synthetic pairs), misaligned and degraded on the fly.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ from ..io import atomic_write
 from ..spatial import jacobian_determinant, warp
 from ..weights import save_checkpoint
 from .configs import TrainConfig
+from .datasets import build_train_set, build_val_set, data_fingerprint, describe_training_data, synthetic_pairs
+from .distributed import (DistContext, DistributedError, all_gather_objects, all_reduce_mean, barrier, rank_seed,
+                          rank_slice, single_process)
 from .losses import LossWeights, UniFuseLoss, ssim3d_torch
 
 __all__ = [
@@ -98,8 +107,9 @@ VAL_COLUMNS = ("step", *(f"val_loss_{c}" for c in LOSS_COMPONENTS), *(f"val_{m}"
 STATE_FILE = "train_state.pt"
 STATE_FORMAT = "unifuse-train-state"
 STATE_VERSION = 1
-#: TrainConfig fields that may differ between a run and its resumption (they do not change the result).
-RESUME_FREE_FIELDS = ("steps", "num_threads", "num_workers", "log_every")
+#: TrainConfig fields that may differ between a run and its resumption (they do not change the result;
+#: ``data_root`` may move — the dataset's case list is compared instead).
+RESUME_FREE_FIELDS = ("steps", "num_threads", "num_workers", "log_every", "data_root")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -193,23 +203,45 @@ class EpochPermutationSampler(Sampler[int]):
 
     ``start`` skips the first ``start`` indices of the stream, so a run resumed at step k with batch b uses
     ``start = k · b`` and sees exactly the cases an uninterrupted run would have seen.
+
+    Data-parallel sharding (``world_size`` > 1): the stream is cut into global batches of ``batch_size``
+    indices and this sampler yields only rank ``rank``'s contiguous slice of each (``batch_size / world_size``
+    indices); the slices of all ranks, in rank order, are exactly the one-process stream. ``start`` must then
+    be a multiple of ``batch_size`` (it is: ``step × global batch``).
     """
 
-    def __init__(self, n: int, seed: int, start: int = 0) -> None:
+    def __init__(self, n: int, seed: int, start: int = 0, batch_size: int = 1, rank: int = 0,
+                 world_size: int = 1) -> None:
         if n < 1:
             raise ValueError(f"need at least one case, got n={n}")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"rank {rank} of {world_size} cannot take an equal slice of batches of {batch_size}")
+        if world_size > 1 and start % batch_size:
+            raise ValueError(f"start {start} is not at a batch boundary (batch {batch_size})")
         self.n, self.seed, self.start = int(n), int(seed), int(start)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
 
     def epoch_order(self, epoch: int) -> List[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def _stream(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.n)
         while True:
             order = self.epoch_order(epoch)
             yield from order[offset:]
             epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[int]:
+        if self.world_size == 1:
+            yield from self._stream()
+            return
+        local = self.batch_size // self.world_size
+        lo = self.rank * local
+        stream = self._stream()
+        while True:
+            batch = [next(stream) for _ in range(self.batch_size)]
+            yield from batch[lo:lo + local]
 
     def __len__(self) -> int:  # an endless sampler; DataLoader only needs this for progress bars
         return sys.maxsize
@@ -235,9 +267,24 @@ class CachedDataset(Dataset):
 
 def make_dataset(split: str, samples: int, size: int, seed: int, options: Optional[Dict[str, Any]] = None) -> Dataset:
     """The synthetic dataset of ``samples`` cases on an ``size``³ grid (see :mod:`unifuse.data.synthetic`)."""
-    from ..data.synthetic import SyntheticPairs
+    return synthetic_pairs(split, samples, size, seed, options)
 
-    return SyntheticPairs(split=split, size=size, seed=seed, length=samples, **(options or {}))
+
+class _TrainingForward(torch.nn.Module):
+    """The forward pass of a training step as one module call, so ``DistributedDataParallel`` sees every use
+    of the parameters: the network on (R, D') and its unified encoder on the clean pair {I_D, I'_R}."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, reference: torch.Tensor, moving: torch.Tensor, degradation: Optional[torch.Tensor],
+                aligned_clean: torch.Tensor, reference_moved: torch.Tensor):
+        """All (B, 1, S, S, S) volumes; ``degradation`` (B,) class ids for teacher forcing or None.
+        Returns ``(UniFuseOutput, F̄_D, F̄'_R)`` with token sets (B, N, M)."""
+        out = self.model(reference, moving, degradation=degradation)
+        tokens_d, tokens_r_moved = self.model.encode_unified(aligned_clean, reference_moved, out.dapl_states)
+        return out, tokens_d, tokens_r_moved
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -287,8 +334,9 @@ def _set_rng_state(state: Dict[str, Any], loss_generator: torch.Generator) -> No
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     loss_generator.set_state(state["loss_generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # (a run may resume on a machine with fewer GPUs)
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _seed_everything(seed: int) -> None:
@@ -357,14 +405,17 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains UniFuse on synthetic pairs according to a :class:`TrainConfig`.
+    """Trains UniFuse on synthetic pairs or a dataset folder according to a :class:`TrainConfig`.
 
     Args:
-        config: the training config.
+        config: the training config (``batch_size`` is the global batch over all processes).
         out_dir: run folder (created). Without ``resume`` it must not hold a previous run's state.
-        device: ``auto`` | ``cpu`` | ``cuda`` (``cuda:N``).
-        resume: continue the run saved in ``out_dir/train_state.pt``.
-        log_stream: where progress lines go (default: stderr); None silences them.
+        device: ``auto`` | ``cpu`` | ``cuda`` (``cuda:N``); ignored when ``dist`` is given (its device is used).
+        resume: continue the run saved in ``out_dir/train_state.pt`` (written by any number of processes).
+        log_stream: where progress lines go (default ``"stderr"``: ``sys.stderr`` at call time); None silences
+            them. Only rank 0 prints.
+        dist: this process's place in a data-parallel run (:func:`unifuse.train.distributed.init_distributed`);
+            None = one process.
     """
 
     def __init__(
@@ -373,15 +424,20 @@ class Trainer:
         out_dir: Union[str, os.PathLike],
         device: str = "auto",
         resume: bool = False,
-        log_stream: Optional[TextIO] = sys.stderr,
+        log_stream: Union[TextIO, str, None] = "stderr",
+        dist: Optional[DistContext] = None,
     ) -> None:
         from ..model import build_model
-        from ..pipeline import resolve_device
 
         self.config = config
         self.out_dir = Path(out_dir)
-        self.device = resolve_device(device)
-        self.log_stream = log_stream
+        self.dist = dist if dist is not None else single_process(device)
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
+        self.batch_offset, self.local_batch = rank_slice(config.batch_size, self.dist)
+        if isinstance(log_stream, str):  # the default: sys.stderr at call time (pytest swaps it per test)
+            log_stream = sys.stderr
+        self.log_stream = log_stream if self.is_main else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state_path = self.out_dir / STATE_FILE
         if not resume and state_path.exists():
@@ -403,6 +459,8 @@ class Trainer:
         elif config.init == "he_conv":
             he_conv_init(self.model)
         self.model.to(self.device)
+        if self.dist.rank > 0:  # rank 0 keeps the one-process stream; the other ranks get their own
+            _seed_everything(rank_seed(config.seed, self.dist.rank))
         self.loss_fn = UniFuseLoss(LossWeights(**config.loss_weights))
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, config.lr, config.lr_multipliers),
@@ -422,25 +480,63 @@ class Trainer:
         self.elapsed_before = 0.0
         self.history: Dict[str, List[Dict[str, Any]]] = {"train": [], "val": []}
 
+        self.train_base = build_train_set(config)
+        self.val_set = build_val_set(config)
+        self.data_fingerprint = data_fingerprint(config, self.train_base, self.val_set)
+        self._check_ranks_agree()
+
         jsonl = self.out_dir / "log.jsonl"
         self.train_log = _CsvLog(self.out_dir / "train_log.csv", TRAIN_COLUMNS, jsonl, "train")
         self.val_log = _CsvLog(self.out_dir / "val_log.csv", VAL_COLUMNS, jsonl, "val")
         if resume:
             self._load_state(state_path)
-        keep = self.step if resume else None
-        self.train_log.start(keep)
-        self.val_log.start(keep)
-        _truncate_jsonl(jsonl, keep)
-        _atomic_write_text(self.out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+            if self.dist.rank > 0:  # the saved RNG states are rank 0's
+                _seed_everything(rank_seed(config.seed, self.dist.rank) + self.step)
+        if self.is_main:  # only rank 0 writes files
+            keep = self.step if resume else None
+            self.train_log.start(keep)
+            self.val_log.start(keep)
+            _truncate_jsonl(jsonl, keep)
+            _atomic_write_text(self.out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
-        self.train_set = make_dataset("train", config.train_samples, config.grid, config.train_seed, config.data_options)
+        self.train_set: Dataset = self.train_base
         if config.cache_train and config.num_workers == 0:
-            self.train_set = CachedDataset(self.train_set)
-        if not resume:
+            self.train_set = CachedDataset(self.train_base)
+        if not resume and self.is_main:  # DDP copies rank 0's calibrated buffers to the other ranks
             self._calibrate_degradation_statistics()  # after caching: the cases it reads are then kept
-        self.val_batches = self._build_val_batches()
+        self.val_batches = self._build_val_batches() if self.is_main else []
+        self.forward_module = self._wrap_for_training()
 
     # ------------------------------------------------------------------------------------------ setup
+    def _check_ranks_agree(self) -> None:
+        """Every rank must train on the same data and config (a node with another dataset copy would
+        silently train on different samples)."""
+        if self.dist.world_size == 1:
+            return
+        config = {k: v for k, v in self.config.to_dict().items() if k not in RESUME_FREE_FIELDS}
+        mine = (self.data_fingerprint, json.dumps(config, sort_keys=True, default=str))
+        views = all_gather_objects(mine, self.dist)
+        data_ranks = [r for r, v in enumerate(views) if v[0] != views[0][0]]
+        config_ranks = [r for r, v in enumerate(views) if v[1] != views[0][1]]
+        if data_ranks:
+            raise DistributedError(
+                f"ranks {data_ranks} see other dataset cases than rank 0 under --data; give every machine the same "
+                f"dataset (same case folders) or a shared file system"
+            )
+        if config_ranks:
+            raise DistributedError(f"ranks {config_ranks} run another training config than rank 0; pass the same "
+                                   f"--config and options on every machine")
+
+    def _wrap_for_training(self) -> torch.nn.Module:
+        """The training forward module: ``DistributedDataParallel`` in a process group, else plain."""
+        module = _TrainingForward(self.model)
+        if not self.dist.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+
     def _load_initial_weights(self, path: Path) -> None:
         """Start from a trained checkpoint (fine-tuning).
 
@@ -486,16 +582,17 @@ class Trainer:
 
     def _build_val_batches(self) -> List[Dict[str, Any]]:
         cfg = self.config
-        val_set = make_dataset("val", cfg.val_samples, cfg.grid, cfg.val_seed, cfg.data_options)
-        loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+        loader = DataLoader(self.val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
         return list(loader)
 
     def _train_loader(self) -> Iterator[Dict[str, Any]]:
         cfg = self.config
-        sampler = EpochPermutationSampler(len(self.train_set), cfg.seed, start=self.step * cfg.batch_size)
+        sampler = EpochPermutationSampler(len(self.train_set), cfg.seed, start=self.step * cfg.batch_size,
+                                          batch_size=cfg.batch_size, rank=self.dist.rank,
+                                          world_size=self.dist.world_size)
         loader = DataLoader(
             self.train_set,
-            batch_size=cfg.batch_size,
+            batch_size=self.local_batch,
             sampler=sampler,
             num_workers=cfg.num_workers,
             drop_last=True,
@@ -514,12 +611,15 @@ class Trainer:
             print(message, file=self.log_stream, flush=True)
 
     # ------------------------------------------------------------------------------------- the losses
-    def compute_loss(self, batch: Dict[str, Any], generator: torch.Generator, teacher_forcing: bool = False):
+    def compute_loss(self, batch: Dict[str, Any], generator: torch.Generator, teacher_forcing: bool = False,
+                     forward: Optional[torch.nn.Module] = None, batch_slice: Optional[tuple] = None):
         """Forward pass and total loss of one batch; returns ``(total, components, output)``.
 
         ``teacher_forcing`` conditions the prompts and ALSN on the true degradation class instead of the
         classifier's p (``TrainConfig.true_degradation_in_training``). The network runs under autocast
-        (CUDA only); the losses are evaluated in float32.
+        (CUDA only); the losses are evaluated in float32. ``forward``: the training forward module (the
+        DDP-wrapped one in a training step; default: the bare network). ``batch_slice``: ``(offset, global
+        batch)`` of this rank's items (L_moda's negatives; see :func:`unifuse.train.losses.loss_moda`).
         """
         reference = batch["reference"]
         moving = batch["moving"]
@@ -527,9 +627,10 @@ class Trainer:
         reference_moved = batch["reference_moved"]
         u_gt = batch["field"]
         aligned_clean_gt = _aligned_label(batch)  # I_D: the clean moving volume aligned with R
+        forward = forward if forward is not None else _TrainingForward(self.model)
         with self._autocast():
-            out = self.model(reference, moving, degradation=batch["degradation"] if teacher_forcing else None)
-            tokens_d, tokens_r_moved = self.model.encode_unified(aligned_clean_gt, reference_moved, out.dapl_states)
+            out, tokens_d, tokens_r_moved = forward(reference, moving, batch["degradation"] if teacher_forcing else None,
+                                                    aligned_clean_gt, reference_moved)
         displacement = out.displacement.float()
         total, parts = self.loss_fn(
             logits=out.logits.float(),
@@ -544,19 +645,24 @@ class Trainer:
             aligned_fine=warp(moving_clean, displacement),
             reference=reference,
             generator=generator,
+            batch_slice=batch_slice,
         )
         return total, parts, out
 
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """One AdamW step on ``batch``; returns the log record (lr, loss components, gradient norm)."""
-        self.model.train()
+        """One AdamW step on ``batch`` (this rank's part of the global batch); returns the log record (lr,
+        loss components of the global batch, gradient norm)."""
+        self.forward_module.train()
         batch = _to_device(batch, self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
-        total, parts, _ = self.compute_loss(batch, self.loss_generator, self.config.true_degradation_in_training)
-        if not torch.isfinite(total):
+        total, parts, _ = self.compute_loss(batch, self.loss_generator, self.config.true_degradation_in_training,
+                                            forward=self.forward_module,
+                                            batch_slice=(self.batch_offset, self.config.batch_size))
+        parts = all_reduce_mean(parts, self.dist)  # every rank sees the global batch's losses and stops together
+        if not math.isfinite(parts["total"]):
             raise UniFuseError(
-                f"the training loss became {float(total)} at step {self.step + 1} (components {parts}); lower the "
+                f"the training loss became {parts['total']} at step {self.step + 1} (components {parts}); lower the "
                 f"learning rate in the training config or resume from the last checkpoint"
             )
         self.scaler.scale(total).backward()
@@ -620,6 +726,8 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
             "elapsed_s": elapsed,
+            "data_fingerprint": self.data_fingerprint,
+            "world_size": self.dist.world_size,
         }
 
     def save_state(self, elapsed: float) -> Path:
@@ -645,6 +753,13 @@ class Trainer:
                 + ", ".join(f"{k}={saved.get(k)!r}/{current.get(k)!r}" for k in differing)
                 + "); resume with the same config or start a new run in another folder"
             )
+        saved_data = state.get("data_fingerprint", "synthetic")
+        if saved_data != self.data_fingerprint:
+            raise UniFuseError(
+                f"cannot resume {path}: the run trained on other dataset cases (fingerprint {saved_data}) than "
+                f"{self.config.data_root or 'synthetic pairs'} holds now ({self.data_fingerprint}); resume with the "
+                f"same dataset or start a new run in another folder"
+            )
         if saved.get("steps") != current.get("steps"):
             self._say(f"note: total steps changed from {saved.get('steps')} to {current.get('steps')}; "
                       f"the cosine schedule is recomputed for the new length")
@@ -667,12 +782,7 @@ class Trainer:
             "trained": True,
             "step": self.step,
             "train_config": cfg.to_dict(),
-            "training_data": {
-                "generator": "unifuse.data.synthetic.SyntheticPairs",
-                "train": {"split": "train", "cases": cfg.train_samples, "seed": cfg.train_seed, "size": cfg.grid},
-                "validation": {"split": "val", "cases": cfg.val_samples, "seed": cfg.val_seed, "size": cfg.grid},
-                "options": cfg.data_options,
-            },
+            "training_data": describe_training_data(cfg, self.train_base, self.val_set),
             "compute": {
                 "device": str(self.device),
                 "cpu": cpu_model_name(),
@@ -681,6 +791,7 @@ class Trainer:
                 "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
                 "wall_time_s": round(elapsed, 1),
                 "torch": str(torch.__version__),
+                "distributed": self.dist.describe(),
             },
             "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             **(extra or {}),
@@ -697,19 +808,23 @@ class Trainer:
 
         Validation runs every ``val_every`` steps and at the last step; the resumable state is saved every
         ``checkpoint_every`` steps and at the end of this call; ``best.pt`` is re-exported whenever the
-        validation loss improves, ``final.pt`` when the run is finished.
+        validation loss improves, ``final.pt`` when the run is finished. In a data-parallel run every rank
+        calls this; rank 0 alone validates and writes (the others wait for it at the next collective).
         """
         cfg = self.config
+        main = self.is_main
         end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
         t0 = time.perf_counter()
         elapsed = lambda: self.elapsed_before + (time.perf_counter() - t0)  # noqa: E731
+        world = self.dist.world_size
         self._say(
             f"unifuse train: config {cfg.name!r}, network {self.model_config.name!r} "
-            f"({sum(p.numel() for p in self.model.parameters()):,} parameters) on {cfg.grid}³, batch {cfg.batch_size}, "
+            f"({sum(p.numel() for p in self.model.parameters()):,} parameters) on {cfg.grid}³, batch {cfg.batch_size}"
+            f"{f' ({world} processes × {self.local_batch}, {self.dist.backend})' if world > 1 else ''}, "
             f"device {self.device}{' (' + str(self.amp_dtype).replace('torch.', '') + ' autocast)' if self.amp_dtype else ''}, "
-            f"steps {self.step} -> {end} of {cfg.steps}, output {self.out_dir}"
+            f"data {self._data_line()}, steps {self.step} -> {end} of {cfg.steps}, output {self.out_dir}"
         )
-        if self.step == 0 and end > 0:
+        if self.step == 0 and end > 0 and main:
             self._validate_and_export(elapsed(), export=False)  # the untrained network, for reference
         batches = self._train_loader() if self.step < end else iter(())
         saved_at = self.step
@@ -719,8 +834,10 @@ class Trainer:
             record["epoch"] = (self.step * cfg.batch_size - 1) // len(self.train_set)
             record["step_time_s"] = round(time.perf_counter() - t_step, 4)
             record["elapsed_s"] = round(elapsed(), 2)
-            self.train_log.append(record)
             self.history["train"].append(record)
+            if not main:
+                continue
+            self.train_log.append(record)
             if self.step % cfg.log_every == 0 or self.step == end:
                 self._progress(record, end)
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
@@ -728,9 +845,12 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == end:
                 self.save_state(elapsed())
                 saved_at = self.step
+        finished = self.step >= cfg.steps
+        if not main:
+            barrier(self.dist)  # return once rank 0 has written the state, the checkpoints and the summary
+            return self._result(finished, None, round(elapsed(), 1))
         if saved_at != self.step:
             self.save_state(elapsed())
-        finished = self.step >= cfg.steps
         final = None
         if finished:
             final = self.export("final.pt", {"checkpoint": "final"}, elapsed())
@@ -745,8 +865,13 @@ class Trainer:
             "device": str(self.device),
             "cpu": cpu_model_name(),
             "cpu_threads": torch.get_num_threads(),
+            "distributed": self.dist.describe(),
         }
         _atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        barrier(self.dist)
+        return self._result(finished, final, summary["wall_time_s"])
+
+    def _result(self, finished: bool, final: Optional[Path], wall_time_s: float) -> TrainResult:
         best = self.out_dir / "best.pt"
         return TrainResult(
             out_dir=self.out_dir,
@@ -755,10 +880,20 @@ class Trainer:
             best_step=self.best_step,
             best_val_loss=self.best_val_loss,
             best_checkpoint=best if best.is_file() else None,
-            final_checkpoint=final,
-            wall_time_s=summary["wall_time_s"],
+            final_checkpoint=final if final is not None else (self.out_dir / "final.pt" if finished else None),
+            wall_time_s=wall_time_s,
             history=self.history,
         )
+
+    def _data_line(self) -> str:
+        """What the run trains on, for the start-up line."""
+        cfg = self.config
+        if not cfg.uses_dataset:
+            return f"synthetic ({cfg.train_samples} training cases)"
+        n_train, n_val = len(getattr(self.train_base, "cases", [])), len(getattr(self.val_set, "cases", []))
+        mix = f", {cfg.mix_synthetic:.0%} synthetic" if cfg.mix_synthetic else ""
+        return (f"{cfg.data_layout} '{cfg.data_root}' ({n_train} training / {n_val} validation cases, "
+                f"{cfg.train_samples} samples{mix})")
 
     def _validate_and_export(self, elapsed: float, export: bool = True) -> None:
         """Validate, log, and (``export``) re-export ``best.pt`` when the validation loss improved."""
