@@ -8,8 +8,6 @@ inside Slicer, where the child is the ``PythonSlicer`` launcher and the grandchi
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import threading
 import time

@@ -18,8 +18,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from unifuse.errors import CancelledError  # noqa: E402
-from UniFuseSlicerLib import background, display, hierarchy, logic, selftest, volumes  # noqa: E402
+from UniFuseSlicerLib import background, display, logic, selftest, volumes  # noqa: E402
 from UniFuseSlicerLib.controller import RunController, RunRequest, RunView  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

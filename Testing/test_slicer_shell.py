@@ -289,3 +289,74 @@ def test_extensions_index_description_validates():
     for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf'set\({key} "https://', cmake), key
     assert 'UniFuseSlicer contributors"' not in cmake
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dependencies: one question (the widget's), then Slicer's own mechanisms
+
+
+class _Recorder:
+    def __init__(self, result=True):
+        self.calls = []
+        self.result = result
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.result
+
+
+def test_dependencies_are_installed_without_further_questions(tmp_path, monkeypatch):
+    import types
+
+    from UniFuseSlicerLib import dependencies
+
+    monkeypatch.setattr(dependencies, "installation_plan", lambda: dependencies.InstallationPlan(True, "2.13.0"))
+    install_torch = _Recorder(result=types.SimpleNamespace(__version__="2.13.0"))
+    pytorch_utils = types.SimpleNamespace(PyTorchUtilsLogic=lambda: types.SimpleNamespace(installTorch=install_torch))
+    plan = dependencies.InstallationPlan(torch_ok=False, torch_version=None, pip_requirements=["scipy>=1.10", "nibabel>=4"])
+
+    # Slicer with slicer.pydeps.pip_ensure (5.11+)
+    ensure = _Recorder()
+    slicer_new = types.SimpleNamespace(pydeps=types.SimpleNamespace(pip_ensure=ensure), util=types.SimpleNamespace())
+    final = dependencies.install(plan, slicer_new, tmp_path, import_module=lambda name: pytorch_utils)
+    assert final.ready
+    assert install_torch.calls == [((), {"askConfirmation": False, "torchVersionRequirement": ">=2.1"})]
+    (args, kwargs), = ensure.calls
+    assert [str(r) for r in args[0]] == ["scipy>=1.10", "nibabel>=4"] and kwargs["requester"] == "UniFuse"
+    pinned = Path(kwargs["constraints"]).read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith("numpy==") for line in pinned) and any(line.startswith("SimpleITK==") for line in pinned)
+
+    # older Slicer: slicer.util.pip_install with a constraints file
+    pip_install = _Recorder()
+    slicer_old = types.SimpleNamespace(util=types.SimpleNamespace(pip_install=pip_install))
+    dependencies.install(dependencies.InstallationPlan(True, "2.13.0", ["scipy>=1.10"]), slicer_old, tmp_path,
+                         import_module=lambda name: pytorch_utils)
+    (args, _), = pip_install.calls
+    assert args[0][:2] == ["scipy>=1.10", "--constraint"] and Path(args[0][2]).is_file()
+
+    # no PyTorch extension, or PyTorch not installed: an error that says what to do
+    def missing(name):
+        raise ModuleNotFoundError(name)
+
+    with pytest.raises(dependencies.DependencyError, match="PyTorch extension"):
+        dependencies.install(plan, slicer_new, tmp_path, import_module=missing)
+    install_torch.result = None
+    with pytest.raises(dependencies.DependencyError, match="not installed"):
+        dependencies.install(plan, slicer_new, tmp_path, import_module=lambda name: pytorch_utils)
+
+
+def test_the_widget_asks_once_and_never_imports_torch_to_open():
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "UniFuseSlicerWidget")
+    prepare = next(f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name == "_prepareRun")
+    calls = [ast.unparse(c.func) for c in ast.walk(prepare) if isinstance(c, ast.Call)]
+    assert calls.count("slicer.util.confirmOkCancelDisplay") == 1 and "installDependencies" in calls
+    assert "PyTorchUtils" not in ast.unparse(prepare)  # PyTorch goes through dependencies.install, no second dialog
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("torch" == (getattr(n, "module", None) or "") or any(a.name == "torch" for a in n.names)
+                   for n in imports)
+    from UniFuseSlicerLib import options
+
+    assert "import torch" not in ast.unparse(next(f for f in ast.parse(Path(options.__file__).read_text()).body
+                                                  if isinstance(f, ast.FunctionDef) and f.name == "device_choices"))

@@ -10,7 +10,6 @@ module never loads torch into Slicer.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 

@@ -54,7 +54,6 @@ __all__ = [
     "FEATURES",
     "FEATURE_NAMES",
     "METAL_HU",
-    "MAX_VOXELS",
     "Evidence",
     "DegradationDecision",
     "Calibration",
@@ -67,8 +66,8 @@ __all__ = [
 
 #: HU at and above which a CT voxel counts as metal (scanner maximum 3071 on the standard 12-bit scale).
 METAL_HU: float = 3000.0
-#: Volumes with more voxels are sub-sampled (every ``step``-th voxel along each axis) for global statistics.
-MAX_VOXELS: int = 16_000_000
+#: Voxels of the regular sub-sample used for global statistics (percentiles, the CT test).
+SAMPLE_VOXELS: int = 1_000_000
 #: Voxels of the sub-sampled copy used for the ghosting measurement.
 GHOST_VOXELS: int = 2_000_000
 #: Slices used for the noise measurement.
@@ -449,7 +448,7 @@ def noise_features(array: np.ndarray) -> Tuple[Dict[str, float], Dict[str, Any]]
         ({"log10_counts", "noise_exponent", "nsr_high_percent"}, details).
     """
     neutral = {"log10_counts": math.log10(MAX_COUNTS), "noise_exponent": 0.0, "nsr_high_percent": 0.0}
-    step = _step_for(array.size, 1_000_000)
+    step = _step_for(array.size, SAMPLE_VOXELS)
     high = float(np.percentile(np.asarray(array[::step, ::step, ::step]), 99.5))
     if high <= 0 or array.shape[1] < 5 or array.shape[2] < 5:
         return neutral, {}
@@ -509,24 +508,21 @@ def evidence_from_array(array: np.ndarray, spacing_xyz: Sequence[float], ct: boo
     a = np.asarray(array)
     if a.ndim != 3:
         raise ValueError(f"degradation evidence needs a 3D volume; got shape {a.shape}")
-    step = _step_for(a.size, MAX_VOXELS)
-    details: Dict[str, Any] = {"shape_zyx": list(a.shape), "spacing_mm_xyz": [float(s) for s in spacing_xyz],
-                               "step": step}
-    work = a if step == 1 else a[::step, ::step, ::step]
-    spacing = [float(s) * step for s in spacing_xyz]
+    details: Dict[str, Any] = {"shape_zyx": list(a.shape), "spacing_mm_xyz": [float(s) for s in spacing_xyz]}
+    spacing = [float(s) for s in spacing_xyz]
     features: Dict[str, float] = {"ct_like": 1.0 if ct else 0.0}
     if ct:
-        metal, d = metal_features(work, spacing)
+        metal, d = metal_features(a, spacing)
         features.update(metal)
         details.update(d)
-        features.update(ghost_percent=0.0, ghost_coherence=0.0, log10_counts=math.log10(MAX_COUNTS), noise_exponent=0.0,
-                        nsr_high_percent=0.0)
+        features.update(ghost_percent=0.0, ghost_coherence=0.0, log10_counts=math.log10(MAX_COUNTS),
+                        noise_exponent=0.0, nsr_high_percent=0.0)
     else:
         features.update(log10_metal_mm3=0.0, streak_anisotropy=0.0, streak_energy=0.0)
-        ghost, d = ghost_features(work, spacing)
+        ghost, d = ghost_features(a, spacing)
         features.update(ghost)
         details.update(d)
-        noise, d = noise_features(work)
+        noise, d = noise_features(a)
         features.update(noise)
         details.update(d)
     ordered = {n: float(features[n]) for n in FEATURE_NAMES}
@@ -540,12 +536,15 @@ def degradation_evidence(image: sitk.Image) -> Evidence:
         image: scalar 3D SimpleITK image, not intensity-normalised (HU for CT).
 
     Returns:
-        :class:`Evidence`; volumes over :data:`MAX_VOXELS` voxels are sub-sampled (``details["step"]``).
+        :class:`Evidence`. Cost is bounded for any size: the CT test and percentiles use a regular sub-sample
+        of <= :data:`SAMPLE_VOXELS` voxels, ghosting a strided copy of <= :data:`GHOST_VOXELS` voxels, noise
+        <= :data:`NOISE_SLICES` slices and streaks <= :data:`STREAK_SLICES` slices at full resolution; only the
+        metal threshold runs over every voxel.
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("degradation evidence needs a scalar 3D image")
     array = sitk.GetArrayViewFromImage(image)
-    step = _step_for(array.size, 1_000_000)
+    step = _step_for(array.size, SAMPLE_VOXELS)
     ct = is_hu_volume(image, np.asarray(array[::step, ::step, ::step]))
     return evidence_from_array(array, image.GetSpacing(), ct)
 

@@ -15,12 +15,12 @@ Samples come from the real volumes of ``unifuse data real`` (``real_data/volumes
 grid), each subject in one split only (the split recorded by the data builder). Per clean source:
 
 * ``none``: the source itself; a random sub-block of real volumes; MR with added Rician noise (SNR at the
-  object's mean uniform in [6, 40]); PET at full dose (Poisson, 300–900 counts at the mean activity); CT with
-  quantum noise and no metal (the simulator with an empty metal mask); CT with 1–2 dense non-metal objects
-  (≥ 3000 HU, radius 1–3 mm, inserted without artefacts: skin markers, enamel — the hard negatives of
-  "metal").
+  object's mean uniform in [8, 60]: additive noise is not count-limited noise); PET at full dose (Poisson,
+  300–900 counts at the mean activity); CT with quantum noise and no metal (the simulator with an empty metal
+  mask); CT with 1–2 dense non-metal objects (2000–2990 HU, radius 1–3 mm: enamel, cortical bone,
+  calcification, contrast — below the 3000 HU metal threshold).
 * ``metal`` (CT sources; real CTs first resampled to the 160² matrix of the case builder), ``motion`` (MR
-  sources, half of them with Rician noise afterwards) and ``lowdose`` (PET sources, incl. PET synthesised from
+  sources; one of three with Rician noise afterwards, SNR in [20, 80]) and ``lowdose`` (PET sources, incl. PET synthesised from
   the split's real CT and MR volumes): :func:`unifuse.data.real_cases.degrade` with the split's simulator
   settings (``DEGRADATION_SETTINGS``; validation settings are never used for training).
 
@@ -160,7 +160,7 @@ def _dense_objects(a: np.ndarray, spacing_xyz: Sequence[float], rng: np.random.G
                                           spacing_mm=spacing_xyz, num_objects=int(rng.integers(1, 3)),
                                           radius_mm=(1.0, 3.0))
     out = a.copy()
-    out[mask] = rng.uniform(3000.0, 3071.0)
+    out[mask] = rng.uniform(2000.0, 2990.0)
     return out
 
 
@@ -184,14 +184,14 @@ def samples(src: Source) -> Iterator[Tuple[str, str, str, Callable[[], sitk.Imag
     if src.modality == "mr":
         def noisy() -> sitk.Image:
             rng = _rng(src.id, "rician")
-            return _image(_rician(arr(), float(rng.uniform(6, 40)), rng), img, False)
+            return _image(_rician(arr(), float(rng.uniform(8, 60)), rng), img, False)
         yield f"{src.id}/none-rician", "none", "rician", noisy, {}
         for k in range(3):
             def motion(k: int = k) -> sitk.Image:
                 rng = _rng(src.id, "motion", k)
                 out, _ = degrade("motion", arr(), spacing, split, rng)
                 if k % 2 == 1:
-                    out = _rician(out, float(rng.uniform(10, 40)), rng)
+                    out = _rician(out, float(rng.uniform(20, 80)), rng)
                 return _image(out, img, False)
             yield f"{src.id}/motion-{k}", "motion", "motion" + ("+rician" if k % 2 else ""), motion, {}
     if src.modality == "pet":

@@ -1,33 +1,18 @@
 """Global registration stage: rigid, then affine, by Mattes mutual information over the foreground overlap.
 
 Direction: every transform here maps **reference (fixed) LPS mm points to moving LPS mm points** (ITK's
-resampling convention), so ``aligned(x) = moving(T(x))`` and ``geometry.warp_image(moving, T, reference)``
-gives the aligned volume. The returned transform already contains the ``initial`` (header) transform:
-``T(x) = T_init(G(x))`` with ``G`` the rigid or affine map found here.
+resampling convention): ``aligned(x) = moving(T(x))``, ``aligned = geometry.warp_image(moving, T, reference)``.
+The returned transform already contains the ``initial`` transform: ``T(x) = T_init(G(x))``, ``G`` found here.
 
-Method (settings and measurements: ``docs/geometry.md``, "Global stage (rigid -> affine)"):
-
-* both volumes are copied to >= ``working_spacing_mm`` (2 mm) per axis (bin average + linear resampling
-  on the volume's own axes) and clamped to their 0.5-99.5th intensity percentiles (metal, hot spots);
-* Mattes mutual information (any modality pair), an 8-4-2 mm pyramid (shrink 4-2-1 of the working copies,
-  Gaussian sigmas in mm), a fixed number of random samples per level with a fixed seed;
-* samples are drawn in the reference foreground (∩ the user's reference mask) and count only where they
-  land in the moving foreground (∩ the user's moving mask) inside the moving field of view: the metric is
-  taken over the overlap. After the coarsest level the reference samples are also restricted to where the
-  current estimate maps them inside the moving field of view (less a margin), so a thin slab cannot be
-  "stretched" by samples dropping in and out at its edges;
-* starts: the header geometry (or ``initial``) and the foreground centre-of-mass (moments) translation,
-  optionally rotated starts; a short run at the coarsest level from each, the lowest metric wins;
-* rigid (``Euler3DTransform``) about the reference foreground centroid, then ``AffineTransform`` from the
-  rigid result; the affine is kept only if its scales/shears are plausible and it lowers the metric by
-  more than ``affine_min_gain`` (relative) on the same samples.
-
-Optimisation runs in a normalised frame ``x' = (x - c) / L`` (``c``: reference foreground centroid, ``L``:
-its RMS radius): ITK's regular-step optimizer takes steps of a fixed *parameter-space* length, so with
-parameters in mm and radians (even with ``SetOptimizerScalesFromPhysicalShift``) a step that is mostly a
-rotation/matrix change moves the anatomy by up to ``L`` times the intended distance and the optimizer
-zig-zags. In the normalised frame one unit of any parameter moves the anatomy by about ``L`` mm, so unit
-scales are the physical-shift scales (measured: rigid endpoint error 0.04-0.15 mm instead of 0.3-2.5 mm).
+Method (details, settings and measurements: ``docs/geometry.md`` §7 "Global stage (rigid -> affine)"):
+2 mm working copies clamped to their 0.5-99.5th intensity percentiles; Mattes MI, 8-4-2 mm pyramid, fixed
+random samples drawn in the reference foreground (∩ user mask) that count only where they land in the
+moving foreground (∩ user mask) and field of view, frozen to the current overlap after the coarsest level;
+header and centre-of-mass starts ranked by a short coarse run; ``Euler3DTransform`` then ``AffineTransform``,
+the affine kept only if plausible and clearly better. Optimisation runs in the normalised frame
+``x' = (x - c) / L`` (reference foreground centroid ``c``, RMS radius ``L``) with unit scales: ITK's
+regular-step optimizer bounds the step length in *parameter space*, which in mm/radians lets rotation or
+matrix steps move the anatomy ``L`` times too far; in the frame every parameter unit moves it by ~``L`` mm.
 """
 
 from __future__ import annotations
@@ -61,8 +46,8 @@ class AffineSettings:
         smoothing_sigmas_mm: Gaussian sigma per level, mm.
         histogram_bins: Mattes MI histogram bins.
         samples: metric samples per level (random, in the reference mask; all voxels if fewer).
-        seed: sampling seed; results are bit-identical run to run with one thread, and agree to about
-            1e-3 mm with several (ITK sums per-thread histograms in completion order).
+        seed: sampling seed; results are bit-identical run to run with one thread (with several, ITK sums
+            per-thread histograms in completion order: repeat runs agreed to ~1e-12 mm, not guaranteed).
         rigid_iterations / affine_iterations / start_iterations: optimizer iterations per level / per start.
         min_step_mm: the optimizer stops when its step is below this (scaled with the level's spacing).
         relaxation: step factor applied at every reversal of the gradient direction (regular-step descent).
@@ -138,7 +123,7 @@ class AffineResult:
             "direction": "reference -> moving, LPS mm points (ITK resampling convention)",
             "stage_kept": self.stage_kept,
             "start": self.start,
-            "metric_mattes_mi": {k: round(v, 6) for k, v in self.metric.items()},
+            "metric_mattes_mi": {k: round(v, 6) if np.isfinite(v) else None for k, v in self.metric.items()},
             "iterations": dict(self.iterations),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "parameters": self.parameters,
@@ -157,7 +142,8 @@ def _working_copy(image: sitk.Image, spacing_mm: float, percentiles: Tuple[float
     new = np.maximum(old, spacing_mm)
     if np.any(new > old * 1.01):
         low = float(np.nanmin(sitk.GetArrayViewFromImage(img)))
-        factors = [max(1, int(f + 1e-6)) for f in new / old]
+        # never bin more voxels than an axis has (a header with a tiny spacing asks for huge factors)
+        factors = [min(max(1, int(f + 1e-6)), int(n)) for f, n in zip(new / old, image.GetSize())]
         binned = sitk.BinShrink(img, factors) if max(factors) > 1 else img
         grid = sitk.Image([int(max(v, 1)) for v in np.ceil(np.asarray(image.GetSize()) * old / new)], sitk.sitkFloat32)
         grid.SetSpacing(new.tolist())
@@ -185,7 +171,8 @@ def _metric_masks(work: sitk.Image, user_mask: Optional[sitk.Image], dilate_mm: 
     if user_mask is not None:
         if user_mask.GetDimension() != 3 or user_mask.GetNumberOfComponentsPerPixel() != 1:
             raise InputImageError(f"the {role} mask must be a 3D scalar label image (non-zero = inside)")
-        inside = sitk.Resample(sitk.NotEqual(user_mask, 0), work, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        inside = sitk.Resample(sitk.NotEqual(user_mask, 0), work, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                               sitk.sitkUInt8)
         radius = [int(v) for v in np.ceil(margin_mm / np.asarray(work.GetSpacing()))]
         mask, eroded = sitk.And(mask, inside), sitk.BinaryErode(inside, radius, sitk.sitkBox, 0, 1, True)
     if int(sitk.GetArrayViewFromImage(mask).sum()) < 50:
@@ -306,7 +293,8 @@ class _Frame:
         """Physical map of a normalised Euler/affine transform (centre 0): same matrix, centre c, L t'."""
         shift = (np.asarray(inner.GetTranslation()) * self.length).tolist()
         if isinstance(inner, sitk.Euler3DTransform):
-            return sitk.Euler3DTransform(self.c.tolist(), inner.GetAngleX(), inner.GetAngleY(), inner.GetAngleZ(), shift)
+            angles = (inner.GetAngleX(), inner.GetAngleY(), inner.GetAngleZ())
+            return sitk.Euler3DTransform(self.c.tolist(), *angles, shift)
         return sitk.AffineTransform(inner.GetMatrix(), shift, self.c.tolist())
 
 
@@ -323,7 +311,8 @@ class _Level:
 class _Job:
     """The prepared pair, pyramid and masks, the metric/optimizer set-up, cancel and progress."""
 
-    def __init__(self, fixed, moving, fixed_mask, moving_mask, moving_core, s: AffineSettings, cancel, progress) -> None:
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
+                 moving_core: Optional[sitk.Image], s: AffineSettings, cancel, progress) -> None:
         points = _mask_points(fixed_mask)
         center = points.mean(axis=0)
         self.frame = _Frame(center, max(float(np.sqrt(((points - center) ** 2).sum(axis=1).mean())), 10.0))
@@ -345,7 +334,8 @@ class _Job:
         user mask, both less the margin (normalised frame): a frozen sample set that stays valid while the
         transform changes by less than the margin (None if that leaves almost nothing). Samples at the edge
         of the moving foreground (background on both sides) are still checked at every iteration."""
-        inside = sitk.Resample(self.moving_frozen, self.fixed_mask_mm, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        inside = sitk.Resample(self.moving_frozen, self.fixed_mask_mm, transform, sitk.sitkNearestNeighbor, 0,
+                               sitk.sitkUInt8)
         mask = sitk.And(self.fixed_mask_mm, inside)
         return self.frame.image(mask) if int(sitk.GetArrayViewFromImage(mask).sum()) >= 50 else None
 
@@ -373,7 +363,7 @@ class _Job:
             if self.cancel is not None and self.cancel():
                 cancelled[0] = True
                 r.StopRegistration()
-            if self.progress is not None and count[0] % 10 == 1:
+            if self.progress is not None and span[1] > span[0] and count[0] % 10 == 1:
                 self.progress(span[0] + (span[1] - span[0]) * min(1.0, count[0] / iterations), label)
 
         r.AddCommand(sitk.sitkIterationEvent, on_iteration)
@@ -411,7 +401,8 @@ def _starts(job: _Job, initial: Optional[sitk.Transform]) -> List[Tuple[str, sit
             angles = np.zeros(3)
             angles[axis] = np.radians(sign * s.rotation_starts_deg)
             rotations.append((f"+rot{'xyz'[axis]}{sign * s.rotation_starts_deg:+g}", angles))
-    return [(n + rn, sitk.Euler3DTransform([0, 0, 0], *ra, t.tolist())) for n, t in translations for rn, ra in rotations]
+    return [(n + rn, sitk.Euler3DTransform([0, 0, 0], *ra, t.tolist()))
+            for n, t in translations for rn, ra in rotations]
 
 
 def _best_start(job: _Job, base: sitk.Transform, starts) -> Tuple[str, sitk.Euler3DTransform, int]:
@@ -478,7 +469,9 @@ def register_affine(
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
-def _register(reference, moving, initial, reference_mask, moving_mask, s: AffineSettings, cancel, progress) -> AffineResult:
+def _register(reference: sitk.Image, moving: sitk.Image, initial: Optional[sitk.Transform],
+              reference_mask: Optional[sitk.Image], moving_mask: Optional[sitk.Image], s: AffineSettings,
+              cancel: Optional[CancelFn], progress: Optional[ProgressFn]) -> AffineResult:
     t0 = time.perf_counter()
     fixed = _working_copy(reference, s.working_spacing_mm, s.percentiles)
     mov = _working_copy(moving, s.working_spacing_mm, s.percentiles)
@@ -495,7 +488,8 @@ def _register(reference, moving, initial, reference_mask, moving_mask, s: Affine
 
     # 1. starts (header / initial, moments, rotations), ranked by a short coarse run
     t = time.perf_counter()
-    starts = [c for c in _starts(job, initial) if geometry.overlap_fraction(reference, moving, physical(c[1])) > 1e-3]
+    starts = [c for c in _starts(job, initial)
+              if geometry.overlap_fraction(reference, moving, physical(c[1])) > 1e-3]
     if not starts:
         geometry.check_overlap(reference, moving, initial)  # raises GeometryError naming the fix
         raise GeometryError("the moving volume does not overlap the reference under any start; check the headers")
@@ -505,16 +499,22 @@ def _register(reference, moving, initial, reference_mask, moving_mask, s: Affine
 
     # 2. rigid, coarse to fine; after the coarsest level the samples are frozen to the current overlap
     t = time.perf_counter()
-    metric = {"initial": job.metric(base_n, sitk.Euler3DTransform())}
+    try:
+        metric = {"initial": job.metric(base_n, sitk.Euler3DTransform())}
+    except GeometryError:  # the initial transform barely overlaps at the finest level: it cannot win
+        metric = {"initial": float("inf")}
     n = len(job.levels)
     for level in range(n):
         mask = job.overlap_mask(physical(euler)) if level > 0 else None
-        job.run(level, base_n, euler, s.rigid_iterations, (0.2 + 0.5 * level / n, 0.2 + 0.5 * (level + 1) / n), "rigid", mask)
+        span = (0.2 + 0.5 * level / n, 0.2 + 0.5 * (level + 1) / n)
+        job.run(level, base_n, euler, s.rigid_iterations, span, "rigid", mask)
         iterations["rigid"] += job.iterations
     rigid = physical(euler)
     metric["rigid"] = job.metric(base_n, euler)
     seconds["rigid"] = time.perf_counter() - t
-    kept, transform = ("rigid", rigid) if metric["rigid"] < metric["initial"] else ("initial", _compose(base, identity, center))
+    kept, transform = "rigid", rigid
+    if metric["rigid"] >= metric["initial"]:  # the rigid stage made it no better: keep the initial transform
+        kept, transform = "initial", _compose(base, identity, center)
 
     # 3. affine from the rigid result, on the rigid result's overlap
     affine_params = None
@@ -524,14 +524,18 @@ def _register(reference, moving, initial, reference_mask, moving_mask, s: Affine
         metric["rigid_on_overlap"] = job.metric(base_n, euler, mask)
         affine = sitk.AffineTransform(euler.GetMatrix(), euler.GetTranslation(), (0.0, 0.0, 0.0))
         iterations["affine"] = 0
-        for level in range(max(0, n - s.affine_levels), n):
-            span = (0.7 + 0.3 * level / n, 0.7 + 0.3 * (level + 1) / n)
-            metric["affine"] = job.run(level, base_n, affine, s.affine_iterations, span, "affine", mask)
-            iterations["affine"] += job.iterations
+        try:
+            for level in range(max(0, n - s.affine_levels), n):
+                span = (0.7 + 0.3 * level / n, 0.7 + 0.3 * (level + 1) / n)
+                metric["affine"] = job.run(level, base_n, affine, s.affine_iterations, span, "affine", mask)
+                iterations["affine"] += job.iterations
+        except GeometryError:  # the affine ran off the overlap: implausible, keep the rigid result
+            metric["affine"] = float("inf")
         seconds["affine"] = time.perf_counter() - t
         affine_params = affine_parameters(frame.physical(affine), center)
         gain = metric["rigid_on_overlap"] - metric["affine"]
-        if kept == "rigid" and _plausible(affine_params, s) and gain > s.affine_min_gain * abs(metric["rigid_on_overlap"]):
+        enough = gain > s.affine_min_gain * abs(metric["rigid_on_overlap"])
+        if kept == "rigid" and _plausible(affine_params, s) and enough:
             kept, transform = "affine", physical(affine)
     seconds["total"] = time.perf_counter() - t0
     if progress is not None:

@@ -9,8 +9,8 @@ the 12 edges of an octahedron). For an image ``I`` (replicate-padded by ``r + d`
     D_ab(p)  = box_r[ (I(q + d a) - I(q + d b))^2 ](p)           mean over the (2r+1)^3 patch of q
                                                                   around p
     D'_ab(p) = D_ab(p) - min_ab D_ab(p)
-    V(p)     = clamp(mean_ab D'_ab(p), 1e-3 m, 1e3 m) + 1e-12,    m = mean_p mean_ab D'_ab (per volume)
-    MIND_ab(p) = exp(-D'_ab(p) / V(p))                           in (0, 1], largest channel = 1
+    V(p)     = clamp(mean_ab D'_ab(p), 1e-3 m, 1e3 m),          m = mean_p mean_ab D'_ab (per volume)
+    MIND_ab(p) = exp(-D'_ab(p) / V(p))                           in [0, 1], largest channel = 1
 
 A constant offset leaves every ``D_ab`` unchanged and a global scale is divided out by ``V``, so the
 descriptor depends on *where* intensity changes rather than on its values (inverted or remapped contrast
@@ -59,12 +59,13 @@ def _box_valid(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def _slab_planes(shape: torch.Size, channels: int = 12) -> int:
-    """z-planes per slab so that one slab of ``channels`` float32 maps is ~2 MiB (stays in cache)."""
-    return max(1, (2 << 20) // (4 * channels * int(shape[0]) * int(shape[-1]) * int(shape[-2])))
+    """z-planes per slab so that one slab (all batch items, ``channels`` float32 maps) is ~2 MiB."""
+    b, _, _, h, w = (int(s) for s in shape)
+    return max(1, (2 << 20) // (4 * channels * b * h * w))
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """MIND-SSC descriptors (module docstring) of ``image`` (B, 1, D, H, W) -> (B, 12, D, H, W) in (0, 1].
+    """MIND-SSC descriptors (module docstring) of ``image`` (B, 1, D, H, W) -> (B, 12, D, H, W) in [0, 1].
 
     ``radius`` is the patch half-width and ``dilation`` the neighbour distance, both in voxels of the
     image's grid. Edges: the image is replicate-padded by ``radius + dilation`` voxels, so border patches
@@ -99,7 +100,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         out[:, :, z0:z1] = dist
         var[:, :, z0:z1] = dist.mean(dim=1, keepdim=True)
     m = var.mean(dim=(1, 2, 3, 4), keepdim=True)
-    var = torch.maximum(torch.minimum(var, 1e3 * m), 1e-3 * m).add_(1e-12)
+    var = torch.maximum(torch.minimum(var, 1e3 * m), 1e-3 * m).clamp_(min=1e-30)
     return out.div_(var).neg_().exp_()
 
 
@@ -123,7 +124,8 @@ def alignment_score(
     if fixed.shape != warped.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and warped {tuple(warped.shape)} differ")
     with torch.no_grad():
-        diff = mind_ssc(fixed, radius, dilation).sub_(mind_ssc(warped, radius, dilation)).abs_().mean(1, keepdim=True)
+        diff = mind_ssc(fixed, radius, dilation).sub_(mind_ssc(warped, radius, dilation))
+        diff = diff.abs_().mean(1, keepdim=True)
         if mask is None:
             return float(diff.mean())
         weight = (mask > 0.5).to(diff.dtype).expand_as(diff)
@@ -134,7 +136,7 @@ def alignment_score(
 
 
 def _robust_threshold(image: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per batch item ``q01 + fraction * (q99 - q01)`` (percentiles of a strided subsample), shape (B, 1, 1, 1, 1)."""
+    """Per batch item ``q01 + fraction * (q99 - q01)`` (percentiles of a strided subsample), (B, 1, 1, 1, 1)."""
     flat = image.reshape(image.shape[0], -1).float()
     flat = flat[:, :: max(1, flat.shape[1] // (1 << 18))]
     n = flat.shape[1]
@@ -169,7 +171,7 @@ def evaluation_mask(
     dilation: int = 2,
     fraction: float = 0.05,
 ) -> torch.Tensor:
-    """Voxels where comparing MIND-SSC descriptors of ``fixed`` and ``moving`` is meaningful, (B, 1, D, H, W) bool.
+    """Voxels where comparing MIND-SSC descriptors of ``fixed`` and ``moving`` is meaningful (B, 1, D, H, W) bool.
 
     The mask is ``overlap AND foreground``:
 
@@ -181,11 +183,11 @@ def evaluation_mask(
       reach (the object's outer edge carries the strongest structure); constant background corners drop out.
     """
     if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
-        raise ValueError(f"fixed and moving must both be (B, 1, D, H, W); got {tuple(fixed.shape)}, {tuple(moving.shape)}")
+        raise ValueError(f"need fixed, moving (B, 1, D, H, W) alike; got {tuple(fixed.shape)}, {tuple(moving.shape)}")
     reach = descriptor_reach(radius, dilation)
     with torch.no_grad():
-        valid = torch.ones_like(fixed[:1], dtype=torch.float32) if moving_valid is None else (moving_valid > 0.5).float()
-        overlap = _erode(valid, reach)
+        valid = torch.ones_like(fixed[:1], dtype=torch.float32) if moving_valid is None else moving_valid > 0.5
+        overlap = _erode(valid.float(), reach)
         fg = ((fixed > _robust_threshold(fixed, fraction)) | (moving > _robust_threshold(moving, fraction))).float()
         fg = _dilate(fg, reach)
         return (overlap * fg) > 0.5
