@@ -4,7 +4,12 @@
 ``unifuse demo``   build the synthetic sample pair with known truth, fuse it, print metrics, write PNGs
 ``unifuse info``   parameter counts per module and FLOPs of the network configs
 ``unifuse train``  train on synthetic pairs (resumable); ``unifuse evaluate`` held-out metrics + model card
-``unifuse bench``  UniFuse against multi-stage baselines (metrics, time, memory); ``--speed`` cost vs grid size
+``unifuse bench``  UniFuse against multi-stage baselines (metrics, time, memory); ``--real`` on real anatomy
+``unifuse data real``  fetch and build the real-anatomy cases (local cache; never at run time of ``fuse``)
+``unifuse fuse-batch``  a cohort from a CSV manifest: resumable, per-case failures, summary.csv, ``--shard``
+
+The tool commands (train/evaluate, bench, data, fuse-batch) are registered only where their modules are
+installed: the Slicer extension ships the inference code alone.
 
 Exit codes: 0 success; 1 a user-facing error (one line on stderr: what is wrong and how to fix it);
 2 bad command-line usage; 130 cancelled (Ctrl-C) — in every failure case no partial outputs are left.
@@ -13,6 +18,8 @@ Exit codes: 0 success; 1 a user-facing error (one line on stderr: what is wrong 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import signal
 import sys
@@ -21,7 +28,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from . import __version__
-from .config import CONFIGS, DEGRADATION_CLASSES
+from .config import CONFIGS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -82,16 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(CONFIGS), default=None, help="only this config (default: all)")
     p.add_argument("--weights", type=Path, default=None, help="describe this checkpoint's config")
 
-    from .batch import add_batch_parser
-    from .bench import add_bench_parser
-    from .data.cli_data import add_data_parser
-    from .train.cli_train import add_train_parser
-
-    add_train_parser(sub)
-    add_bench_parser(sub)
-    add_data_parser(sub)
-    add_batch_parser(sub)
+    for module, add_parser, _handlers in _available_tool_commands():
+        getattr(importlib.import_module(module, __package__), add_parser)(sub)
     return parser
+
+
+#: Sub-commands whose code is not part of inference: (module, parser builder, {command: handler}). The Slicer
+#: extension ships inference only, so these are registered only where their module is installed.
+_TOOL_COMMANDS = (
+    (".train.cli_train", "add_train_parser", {"train": "run_train", "evaluate": "run_evaluate"}),
+    (".bench", "add_bench_parser", {"bench": "run_bench"}),
+    (".data.cli_data", "add_data_parser", {"data": "run_data"}),
+    (".batch", "add_batch_parser", {"fuse-batch": "run_fuse_batch"}),
+)
+
+
+def _available_tool_commands() -> List[tuple]:
+    """The :data:`_TOOL_COMMANDS` whose module exists in this installation (found without importing it)."""
+    found = []
+    for entry in _TOOL_COMMANDS:
+        try:
+            if importlib.util.find_spec(entry[0], __package__) is not None:
+                found.append(entry)
+        except ModuleNotFoundError:  # a parent package (e.g. unifuse.train) is not shipped
+            continue
+    return found
 
 
 def _run_fuse(args: argparse.Namespace) -> int:
@@ -241,13 +263,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             raise UniFuseError(f"{empty} is an empty string; give a path (for the current folder write '.')")
         parser = build_parser()
         args = parser.parse_args(argv)
-        from .bench import run_bench
-        from .batch import run_fuse_batch
-        from .data.cli_data import run_data
-        from .train.cli_train import run_evaluate, run_train
-
-        handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info, "train": run_train,
-                    "evaluate": run_evaluate, "bench": run_bench, "data": run_data, "fuse-batch": run_fuse_batch}
+        handlers = {"fuse": _run_fuse, "demo": _run_demo, "info": _run_info}
+        if args.command not in handlers:
+            module, _, names = next(entry for entry in _TOOL_COMMANDS if args.command in entry[2])
+            return getattr(importlib.import_module(module, __package__), names[args.command])(args)
         return handlers[args.command](args)
     except KeyboardInterrupt:
         print(_cancelled_line(), file=sys.stderr)

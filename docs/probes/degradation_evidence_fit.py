@@ -4,6 +4,8 @@ Measurement script, not a test. Three steps, each resumable:
 
     # 1. simulate samples and measure their evidence (+ the shipped network's DAPL probabilities)
     .venv/bin/python docs/probes/degradation_evidence_fit.py samples --real-data real_data --cache /tmp/de_cache
+    # (after changing the feature code: re-measure the kept images, network probabilities unchanged)
+    .venv/bin/python docs/probes/degradation_evidence_fit.py refeature --cache /tmp/de_cache
     # 2. fit on the TRAINING samples only; write the calibration JSON
     .venv/bin/python docs/probes/degradation_evidence_fit.py fit --cache /tmp/de_cache \\
         --write UniFuseSlicer/Resources/Models/degradation_evidence.json
@@ -270,6 +272,24 @@ class Network:
         return {c: float(v) for c, v in zip(CLASSES, p)}
 
 
+def image_path(cache: Path, sample_id: str) -> Path:
+    """Where a sample's image is kept (so features can be re-measured without re-simulating)."""
+    return cache / "images" / (sample_id.replace("/", "__") + ".nii")
+
+
+def cmd_refeature(args: argparse.Namespace) -> None:
+    """Re-measure the evidence of every cached sample from its kept image (network probabilities kept)."""
+    cache = Path(args.cache)
+    rows = [json.loads(line) for line in (cache / "samples.jsonl").read_text().splitlines() if line.strip()]
+    seconds = []
+    for r in rows:
+        ev = de.degradation_evidence(sitk.ReadImage(str(image_path(cache, r["id"]))))
+        r.update(features=ev.features, details=ev.details, evidence_seconds=ev.seconds)
+        seconds.append(ev.seconds)
+    (cache / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} samples re-measured; evidence seconds median {np.median(seconds):.3f}, max {max(seconds):.3f}")
+
+
 def cmd_samples(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -278,6 +298,8 @@ def cmd_samples(args: argparse.Namespace) -> None:
     if out_path.exists():
         done = {json.loads(line)["id"] for line in out_path.read_text().splitlines() if line.strip()}
     net = Network() if args.network else None
+    images = cache / "images"
+    images.mkdir(exist_ok=True)
     with out_path.open("a") as out:
         for split in args.splits:
             for src in sources(Path(args.real_data), split):
@@ -288,6 +310,7 @@ def cmd_samples(args: argparse.Namespace) -> None:
                     t0 = time.perf_counter()
                     image = factory()
                     t_sim = time.perf_counter() - t0
+                    sitk.WriteImage(image, str(image_path(cache, sid)))
                     ev = de.degradation_evidence(image)
                     rec: Dict[str, Any] = {
                         "id": sid, "split": split, "subject": src.subject, "source": src.id, "modality": src.modality,
@@ -524,6 +547,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--splits", nargs="+", default=["train", "validation"])
     p.add_argument("--no-network", dest="network", action="store_false")
     p.set_defaults(func=cmd_samples)
+    p = sub.add_parser("refeature")
+    p.add_argument("--cache", default="/tmp/de_cache")
+    p.set_defaults(func=cmd_refeature)
     p = sub.add_parser("fit")
     p.add_argument("--cache", default="/tmp/de_cache")
     p.add_argument("--write")
