@@ -49,8 +49,8 @@ class FieldNet(torch.nn.Module):
 
     def resolve_degradation(self, degradation, probs):
         self.seen["degradation"] = degradation
-        if degradation is None:
-            return probs
+        if degradation is None or degradation.is_floating_point():
+            return probs if degradation is None else degradation.to(probs.dtype)
         return torch.nn.functional.one_hot(degradation, probs.shape[1]).to(probs.dtype)
 
     def predict_field(self, a: SimpleNamespace, p: torch.Tensor) -> torch.Tensor:

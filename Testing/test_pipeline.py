@@ -179,13 +179,19 @@ def test_degradation_override_reaches_the_network_and_report():
     net = FieldNet()
     loaded = _loaded(net)
     auto = fuse(reference, moving, device="cpu", model=loaded, **GEOMETRY_ONLY)
-    assert auto.degradation == "motion" and net.seen["degradation"] is None
-    assert set(auto.probabilities) == set(DEGRADATION_CLASSES)
-    assert auto.report["degradation"]["mixture"] == pytest.approx(auto.probabilities)
+    deg = auto.report["degradation"]
+    # the network's probabilities are combined with the physical evidence; the calibrated result is what
+    # the network mixes its prompts and LoRA experts with
+    assert deg["network_probabilities"] == pytest.approx({"none": 0.1, "motion": 0.7, "metal": 0.1, "lowdose": 0.1})
+    assert deg["decision"]["used_network"] is True
+    assert set(auto.probabilities) == set(DEGRADATION_CLASSES) and sum(auto.probabilities.values()) == pytest.approx(1)
+    assert deg["mixture"] == pytest.approx(auto.probabilities)
+    assert net.seen["degradation"].tolist() == [[pytest.approx(auto.probabilities[c]) for c in DEGRADATION_CLASSES]]
+    assert auto.degradation == max(auto.probabilities, key=auto.probabilities.get)
     forced = fuse(reference, moving, degradation="lowdose", device="cpu", model=loaded, **GEOMETRY_ONLY)
     assert forced.degradation == "lowdose"
     assert int(net.seen["degradation"][0]) == DEGRADATION_CLASSES.index("lowdose")
-    assert forced.report["degradation"]["predicted"] == "motion"
+    assert forced.report["degradation"]["predicted"] == auto.degradation
     assert forced.report["degradation"]["mixture"]["lowdose"] == 1.0
     with pytest.raises(UniFuseError, match="unknown degradation"):
         fuse(reference, moving, degradation="blurry", device="cpu", model=loaded)
@@ -195,14 +201,14 @@ def test_untrained_network_runs_every_stage_end_to_end_and_says_so(tmp_path):
     reference = _image(**REF_GEOM, fn=_blobs)
     moving = _image(**MOV_GEOM, fn=_blobs)
     calls = []
-    result = fuse(reference, moving, device="cpu", config="tiny", spacing_mm=SPACING,
+    result = fuse(reference, moving, device="cpu", config="tiny", spacing_mm=SPACING, refine="fast",
                   progress=lambda f, m: calls.append((f, m)))
     report = result.report
     assert report["model"]["trained"] is False
     assert any("UNTRAINED" in w for w in report["warnings"])
     assert report["device"].startswith("cpu")
     names = [s["name"] for s in report["stages"]]
-    assert names == ["read", "load_model", "header", "affine", "working_grid", "network", "refine", "fusion",
+    assert names == ["read", "degradation_evidence", "load_model", "header", "affine", "working_grid", "network", "refine", "fusion",
                      "warp", "maps"]
     assert set(report["timings_s"]) == {*names, "total"}
     for name in ("affine", "network", "refine"):

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from unifuse.cli import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, main
 from unifuse.outputs import LOCK_NAME, STAGING_PREFIX
-from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE
+from unifuse.pipeline import IMAGE_OUTPUT_FILES, OUTPUT_FILES, REPORT_FILE
 
 #: where this version has the optional global-affine and refinement stages, skip them: ~2-3 s per CLI run
 FAST = ["--affine", "none", "--refine", "none"] if importlib.util.find_spec("unifuse.options") else []
@@ -331,7 +331,7 @@ def test_6_huge_but_finite_intensities_give_finite_outputs(tmp_path, capfd):
     every_stage = ["fuse", "--reference", ref, "--moving", mov, "--out", tmp_path / "out", *RUN[: -len(FAST) or None]]
     code, err = run_inprocess(capfd, *every_stage)
     assert code == EXIT_OK, err
-    for name in OUTPUT_FILES.values():  # raw data: ITK's NIfTI reader would hide NaN as 0
+    for name in IMAGE_OUTPUT_FILES.values():  # raw data: ITK's NIfTI reader would hide NaN as 0
         data = np.asarray(nibabel.load(str(tmp_path / "out" / name)).dataobj)
         assert np.isfinite(data).all(), name
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text(encoding="utf-8"))
@@ -413,7 +413,7 @@ def test_9_ctrl_c_around_the_save_says_exactly_what_was_written(tmp_path, capfd,
     line = one_line(done.stderr)
     assert done.returncode == EXIT_CANCELLED
     if when == "after-save":
-        assert line.startswith("unifuse: cancelled (Ctrl-C); 7 output file(s) in ") and "were already complete" in line
+        assert line.startswith(f"unifuse: cancelled (Ctrl-C); {len(OUTPUT_FILES) + 1} output file(s) in ") and "were already complete" in line
         assert "replacing the previous ones" in line and "no outputs were written" not in line
         now = digests([out])
         assert sorted(Path(p).name for p in now) == OUTPUTS and now != previous

@@ -38,7 +38,8 @@ RUN = textwrap.dedent(r'''
                      "--out", work + "/out", "--device", "cpu", "--config", "tiny", "--spacing", "4",
                      "--machine-progress", "--quiet"])
     assert code == 0, code
-    unifuse.fuse(reference, moving, FuseOptions(device="cpu", config="tiny", spacing_mm=4.0))
+    # the API with every optional stage the GUI offers (the refinement is off by default)
+    unifuse.fuse(reference, moving, FuseOptions(device="cpu", config="tiny", spacing_mm=4.0, refine="fast"))
     print("CORE", unifuse.__file__)
     for name in sorted(m for m in sys.modules if m == "unifuse" or m.startswith("unifuse.")):
         print("MODULE", name)

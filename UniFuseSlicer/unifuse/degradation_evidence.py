@@ -14,23 +14,24 @@ Cues (all deterministic; see :data:`FEATURES` for names and units):
   the axial slices through those voxels: (1) the radial anisotropy of the image gradient in a 3–50 mm
   ring of soft tissue around the bright voxels — metal streaks are lines through the metal, so the gradient
   across them is tangential, while noise and anatomy are isotropic on average; (2) the gradient energy of
-  that ring's soft tissue relative to soft tissue of slices away from the bright voxels. A bright object
-  without streaks (tooth, skin marker, contrast) gives ~0 for both.
+  that ring's soft tissue relative to soft tissue of slices away from the bright voxels.
 * **motion** (not CT) — ghosting: rigid motion between k-space segments corrupts whole phase-encode lines,
   whose error spreads along the phase-encode axis over the whole field of view but stays inside the object's
-  extent along the other axes. For each in-plane axis the mean background intensity in the band the object
-  projects onto along that axis is compared with background outside the band (both far from the object);
-  the larger excess over the two in-plane axes, as a fraction of the object's median intensity.
-* **low dose** (not CT) — count-limited noise: the in-plane high-pass residual (pixel minus the mean of its 4
-  neighbours, scaled to the noise standard deviation) is measured with a robust MAD in bins of local mean
-  intensity inside the object. Poisson noise has variance ∝ mean: the fitted exponent of σ ∝ mean^b is ~0.5
-  (additive MR noise: ~0), and ``mean / (σ²/mean)`` is the equivalent number of detected counts per voxel
-  at the object's mean intensity (lower = noisier).
+  extent along the other axes. In the background of the band the object projects onto along an in-plane axis
+  a, the line means along a vary between neighbouring lines far more than noise allows (streaks), and more
+  than the line means along the other in-plane axis (which cancels spatially correlated noise).
+* **low dose** (not CT) — count-limited noise. The in-plane high-pass residual (voxel minus the mean of its
+  4 neighbours, scaled to the noise σ) is measured in the flattest 5×5 patches of each intensity bin inside
+  the object. Poisson noise has variance ∝ mean: the exponent of σ ∝ mean^b is ~0.5 (additive MR noise ~0),
+  ``mean / (σ²/mean)`` is the equivalent number of counts per voxel, the noise is white (per voxel), and
+  where there is no activity there is no noise (MR backgrounds carry Rayleigh noise). Their conjunction is
+  :func:`count_limited_score`.
 
 :func:`degradation_evidence` measures them; :func:`combine` maps them (plus the log network probabilities if
-given) to calibrated probabilities with a multinomial logistic regression and a temperature, fitted on
+given) to calibrated probabilities with a gated multinomial logistic regression and a temperature, fitted on
 simulated *training* cases (``docs/probes/degradation_evidence_fit.py``, parameters in
-``Resources/Models/degradation_evidence.json``). Arrays are numpy (z, y, x); axis 0 is the slice (axial)
+``Resources/Models/degradation_evidence.json``; the protocol and its numbers are in ``docs/network.md``).
+Arrays are numpy (z, y, x); axis 0 is the slice (axial)
 axis of CT. Only numpy, scipy and SimpleITK are used.
 """
 
@@ -62,6 +63,8 @@ __all__ = [
     "combine",
     "load_calibration",
     "calibration_path",
+    "count_limited_score",
+    "GATES",
 ]
 
 #: HU at and above which a CT voxel counts as metal (scanner maximum 3071 on the standard 12-bit scale).
@@ -80,8 +83,13 @@ STREAK_RING_MM: Tuple[float, float] = (3.0, 50.0)
 SOFT_TISSUE_HU: Tuple[float, float] = (-300.0, 400.0)
 #: Object threshold of the ghosting and noise measurements, as a fraction of the 99.5th percentile.
 OBJECT_FRACTION: float = 0.05
+#: Distance (mm) from the object beyond which voxels count as background (clear of blur and PSF tails).
+BACKGROUND_MARGIN_MM: float = 8.0
 #: Background voxels below this fraction of the 99.5th percentile count as unmeasured (padding, noise-free).
-MEASURED_FRACTION: float = 1e-3
+MEASURED_FRACTION: float = 5e-3
+#: 20th percentile of the 5×5 mean of the squared 4-neighbour residual for white noise of unit variance
+#: (measured on 8×256² Gaussian noise; makes :func:`_flat_sigma` an unbiased σ for white noise).
+FLAT_Q20: float = 0.703
 #: Cap of the equivalent counts (noise-free volumes would give infinity).
 MAX_COUNTS: float = 1e5
 
@@ -97,13 +105,25 @@ FEATURES: Dict[str, Tuple[str, str]] = {
         "% of object median", "max over in-plane axes of the background excess inside the object's band along "
                               "that axis; 0 for CT"),
     "ghost_coherence": (
-        "log10(1)", "max over in-plane axis pairs of log10 Q, Q = variance of background line means along an axis "
-                    "between neighbouring lines / that of independent noise (≈1 noise, ≫1 ghost streaks); 0 for CT"),
+        "log10(1)", "max over in-plane axis pairs (a, c) of log10 Q_a - log10 Q_c in the background band of a; Q_a "
+                    "= variance between neighbouring lines of the line means along a / that of independent noise "
+                    "(≈1 for noise, ≫1 for ghost streaks along a); 0 for CT or without measured background"),
     "log10_counts": (
         "log10(counts)", "equivalent detected counts per voxel at the object's mean intensity, mean/(σ²/mean), "
                          "capped at 1e5; 5 for CT"),
-    "noise_exponent": ("1", "b in σ ∝ mean^b of the high-pass residual over intensity bins (Poisson 0.5, additive 0)"),
+    "noise_exponent": (
+        "1", "b in σ ∝ mean^b of the high-pass residual over intensity bins (Poisson 0.5, additive 0)"),
+    "poisson_mismatch": ("1", "|noise_exponent - 0.5|: 0 for Poisson (count-limited) noise; 0.5 if unmeasured"),
     "nsr_high_percent": ("% of signal", "robust σ / mean of the brightest 10 % of the object (high uptake)"),
+    "noise_whiteness": (
+        "log2(1)", "log2(σ of the residual to neighbours 2 voxels away / σ to neighbours 1 voxel away) in the "
+                   "object: 0 for white (per-voxel) noise, up to 2 for smooth anatomy; 2 for CT"),
+    "count_limited_score": (
+        "log10(counts)", "deficit of counts below full dose × Poisson-exponent match × whiteness (see "
+                         "count_limited_score); 0 for CT or when any condition fails"),
+    "background_noise_ratio": (
+        "1", "robust σ of the residual in measured background / σ in the object at its mean intensity: additive "
+             "(MR, Rician) noise ~0.65, count-limited noise ~0 (no counts, no noise); 0 if no measured background"),
 }
 FEATURE_NAMES: Tuple[str, ...] = tuple(FEATURES)
 
@@ -200,16 +220,9 @@ def _step_for(n_voxels: int, limit: int) -> int:
     return step
 
 
-def _robust_sigma(values: np.ndarray) -> float:
-    """1.4826 × median absolute deviation from the median (σ of a Gaussian), 0 for empty input."""
-    if values.size == 0:
-        return 0.0
-    med = np.median(values)
-    return float(1.4826 * np.median(np.abs(values - med)))
-
-
 def is_hu_volume(image: sitk.Image, array: np.ndarray) -> bool:
-    """CT in HU (``array``: the image's voxels or a regular sub-sample of them): :func:`looks_like_ct`, or (for float volumes, e.g. a resampled CT) at least 5 % of the voxels
+    """CT in HU (``array``: the image's voxels or a regular sub-sample of them): :func:`looks_like_ct`, or
+    (for float volumes, e.g. a resampled CT) at least 5 % of the voxels
     below -500 with the 0.5th percentile in [-1100, -900] HU (the air peak)."""
     if looks_like_ct(image, array):
         return True
@@ -363,7 +376,7 @@ def _line_coherence(values: np.ndarray, region: np.ndarray, along: int, across: 
     hi = [slice(None)] * 2
     lo[c], hi[c] = slice(0, -1), slice(1, None)
     n1, n2 = n[tuple(lo)], n[tuple(hi)]
-    ok = (n1 >= 8) & (n2 >= 8)
+    ok = (n1 >= 3) & (n2 >= 3)
     lo3 = [slice(None)] * 3
     hi3 = [slice(None)] * 3
     lo3[across], hi3[across] = slice(0, -1), slice(1, None)
@@ -377,6 +390,51 @@ def _line_coherence(values: np.ndarray, region: np.ndarray, along: int, across: 
     line_var = float(np.mean((mean[tuple(lo)] - mean[tuple(hi)])[ok] ** 2)) / 2.0
     expected = float(np.mean(pixel_var * (1.0 / n1[ok] + 1.0 / n2[ok]) / 2.0))
     return line_var / expected
+
+
+def _residual_4(a: np.ndarray, k: int = 1) -> np.ndarray:
+    """In-plane (axes 1, 2) high-pass residual: voxel minus the mean of its 4 neighbours at distance ``k``,
+    times sqrt(0.8) so that white noise of standard deviation σ gives a residual of standard deviation σ.
+    Shape (z, y-2k, x-2k)."""
+    nb = 0.25 * (a[:, :-2 * k, k:-k] + a[:, 2 * k:, k:-k] + a[:, k:-k, :-2 * k] + a[:, k:-k, 2 * k:])
+    return (a[:, k:-k, k:-k] - nb) * math.sqrt(0.8)
+
+
+def _flat_sigma(local_var: np.ndarray) -> float:
+    """Noise σ from local residual variances (:func:`_local_residual_var`): the 20th percentile — the flattest
+    patches, where anatomy adds little — divided by its value for white noise (:data:`FLAT_Q20`)."""
+    if local_var.size == 0:
+        return 0.0
+    return math.sqrt(max(float(np.quantile(local_var, 0.2)), 0.0) / FLAT_Q20)
+
+
+def _local_residual_var(a: np.ndarray, k: int = 1) -> np.ndarray:
+    """Mean of the squared 4-neighbour residual (neighbours at distance ``k``) over 5×5 in-plane windows;
+    shape (z, y-2k, x-2k)."""
+    r = _residual_4(np.asarray(a, dtype=np.float64), k)
+    return ndimage.uniform_filter(r * r, size=(1, 5, 5), mode="nearest")
+
+
+def _background_sigma(b: np.ndarray, region: np.ndarray) -> Optional[float]:
+    """Noise σ of the measured background (voxels whose 5×5 in-plane window lies in ``region``), or None with
+    fewer than 500 such voxels (no measured background, e.g. a masked or noise-free volume)."""
+    if b.shape[1] < 7 or b.shape[2] < 7:
+        return None
+    inside = ndimage.uniform_filter(region.astype(np.float32), size=(1, 7, 7), mode="constant") > 0.999
+    core = inside[:, 1:-1, 1:-1]
+    if np.count_nonzero(core) < 500:
+        return None
+    return _flat_sigma(_local_residual_var(b)[core])
+
+
+def object_threshold(sample: np.ndarray) -> float:
+    """Intensity above which a (smoothed) voxel belongs to the object: :data:`OBJECT_FRACTION` of the 99.5th
+    percentile, raised above a noisy background — 1.5× the 10th percentile (the background's mean level for
+    magnitude noise), capped at 25 % of the 99.5th percentile."""
+    flat = np.asarray(sample, dtype=np.float32).ravel()
+    high = float(np.percentile(flat, 99.5))
+    floor = 1.5 * float(np.percentile(flat, 10.0))
+    return max(OBJECT_FRACTION * high, min(floor, 0.25 * high))
 
 
 def ghost_features(array: np.ndarray, spacing_xyz: Sequence[float]) -> Tuple[Dict[str, float], Dict[str, Any]]:
@@ -394,16 +452,17 @@ def ghost_features(array: np.ndarray, spacing_xyz: Sequence[float]) -> Tuple[Dic
         return {"ghost_percent": 0.0, "ghost_coherence": 0.0}, details
     smooth = ndimage.uniform_filter(b, size=3, mode="nearest")
     axes = inplane_axes(spacing_xyz)
-    obj = _fill_object(smooth > OBJECT_FRACTION * high, slice_axis(spacing_xyz))
+    threshold = object_threshold(smooth)
+    obj = _fill_object(smooth > threshold, slice_axis(spacing_xyz))
     if not obj.any():
         return {"ghost_percent": 0.0, "ghost_coherence": 0.0}, details
     level = float(np.median(b[obj]))
-    # background: at least ~6 mm from the object, and not padding (exact zeros carry no measurement)
-    reach = np.maximum(1, np.ceil(6.0 / spacing_zyx)).astype(int)
+    # background: at least BACKGROUND_MARGIN_MM from the object; padding (exact zeros) carries no measurement
+    reach = np.maximum(1, np.ceil(BACKGROUND_MARGIN_MM / spacing_zyx)).astype(int)
     near = ndimage.maximum_filter(obj, size=tuple(2 * reach + 1), mode="constant")
     background = ~near
     measured = np.abs(b) > MEASURED_FRACTION * high
-    clipped = np.minimum(b, OBJECT_FRACTION * high)
+    clipped = np.minimum(b, threshold)
     excess: Dict[int, float] = {}
     for a in axes:
         band = np.broadcast_to(near.any(axis=a, keepdims=True), b.shape)
@@ -418,16 +477,21 @@ def ghost_features(array: np.ndarray, spacing_xyz: Sequence[float]) -> Tuple[Dic
             inside, outside = inside & measured, outside & measured
         m_in, m_out = float(clipped[inside].mean()), float(clipped[outside].mean())
         excess[a] = 100.0 * (m_in - m_out) / level
+    # ghosts are streaks along the phase-encode axis a: the background's line means along a vary between
+    # neighbouring lines much more than those along the other in-plane axis c; spatially correlated noise
+    # (interpolation, reconstruction filters) inflates both alike and cancels in the difference
     coherence: Dict[str, float] = {}
     for a in axes:
-        band = np.broadcast_to(near.any(axis=a, keepdims=True), b.shape)
+        region = background & np.broadcast_to(near.any(axis=a, keepdims=True), b.shape) & measured
         for c in axes:
             if c != a:
-                q = _line_coherence(clipped, background & band & measured, a, c)
-                if q is not None:
-                    coherence[f"{a}{c}"] = math.log10(max(q, 1e-3))
+                q_a = _line_coherence(clipped, region, a, c)
+                q_c = _line_coherence(clipped, region, c, a)
+                if q_a is not None and q_c is not None:
+                    coherence[f"{a}{c}"] = math.log10(max(q_a, 1e-3)) - math.log10(max(q_c, 1e-3))
     details.update(ghost_excess_percent={str(a): round(v, 4) for a, v in excess.items()}, object_level=level,
-                   inplane_axes=list(axes), ghost_coherence_log10={k: round(v, 3) for k, v in coherence.items()})
+                   inplane_axes=list(axes), ghost_coherence_log10={k: round(v, 3) for k, v in coherence.items()},
+                   background_sigma=_background_sigma(b, background & measured))
     out = {"ghost_percent": 0.0, "ghost_coherence": max([0.0, *coherence.values()])}
     if excess:
         axis = max(excess, key=excess.__getitem__)
@@ -440,35 +504,54 @@ def ghost_features(array: np.ndarray, spacing_xyz: Sequence[float]) -> Tuple[Dic
 # count-limited noise
 
 
-def noise_features(array: np.ndarray) -> Tuple[Dict[str, float], Dict[str, Any]]:
+#: Standard deviation of a Rayleigh variable (magnitude of complex Gaussian noise of σ = 1, the MR
+#: background): converts the background's residual σ to the underlying Gaussian σ.
+RAYLEIGH_STD: float = 0.655
+#: Bins darker than this many Gaussian σ of the background noise are left out of the noise-vs-mean fit:
+#: there magnitude (Rician) noise is compressed, which would mimic a signal-dependent noise.
+RICIAN_FLOOR_SIGMAS: float = 3.0
+
+
+def noise_features(
+    array: np.ndarray, background_sigma: Optional[float] = None,
+) -> Tuple[Dict[str, float], Dict[str, Any]]:
     """Signal-dependent noise of a non-CT volume from the in-plane 4-neighbour residual (see the module
-    docstring).
+    docstring). ``background_sigma`` (residual σ of the measured background, if any) sets the Rician floor
+    below which intensity bins are not used for the exponent and the equivalent counts.
 
     Returns:
-        ({"log10_counts", "noise_exponent", "nsr_high_percent"}, details).
+        ({"log10_counts", "noise_exponent", "nsr_high_percent", "noise_whiteness"}, details).
     """
-    neutral = {"log10_counts": math.log10(MAX_COUNTS), "noise_exponent": 0.0, "nsr_high_percent": 0.0}
+    neutral = {"log10_counts": math.log10(MAX_COUNTS), "noise_exponent": 0.0, "poisson_mismatch": 0.5,
+               "nsr_high_percent": 0.0, "noise_whiteness": 2.0}
     step = _step_for(array.size, SAMPLE_VOXELS)
-    high = float(np.percentile(np.asarray(array[::step, ::step, ::step]), 99.5))
+    sample = np.asarray(array[::step, ::step, ::step])
+    high = float(np.percentile(sample, 99.5))
     if high <= 0 or array.shape[1] < 5 or array.shape[2] < 5:
         return neutral, {}
-    occupied = np.nonzero(np.asarray(array[:, ::4, ::4]).max(axis=(1, 2)) > OBJECT_FRACTION * high)[0]
+    threshold = object_threshold(ndimage.uniform_filter(sample.astype(np.float32), size=3, mode="nearest"))
+    occupied = np.nonzero(np.asarray(array[:, ::4, ::4]).max(axis=(1, 2)) > threshold)[0]
     if occupied.size == 0:
         return neutral, {}
     picks = np.unique(np.linspace(occupied[0], occupied[-1], min(NOISE_SLICES, occupied.size)).round().astype(int))
-    res_list: List[np.ndarray] = []
+    var_list: List[np.ndarray] = []
     mean_list: List[np.ndarray] = []
+    v1_list: List[np.ndarray] = []
+    v2_list: List[np.ndarray] = []
     for z in picks:
         s = np.asarray(array[int(z)], dtype=np.float32)
-        nb = 0.25 * (s[:-2, 1:-1] + s[2:, 1:-1] + s[1:-1, :-2] + s[1:-1, 2:])
-        centre = s[1:-1, 1:-1]
         local = ndimage.uniform_filter(s, size=3, mode="nearest")[1:-1, 1:-1]
-        keep = local > OBJECT_FRACTION * high
-        res_list.append(((centre - nb) * math.sqrt(0.8))[keep])  # Var(x - mean4) = 1.25 σ² for white noise
+        keep = local > threshold
+        v1 = _local_residual_var(s[None])[0]
+        var_list.append(v1[keep])
         mean_list.append(local[keep])
-    res = np.concatenate(res_list).astype(np.float64)
+        if min(s.shape) > 8:
+            inner = keep[1:-1, 1:-1]
+            v1_list.append(v1[1:-1, 1:-1][inner])
+            v2_list.append(_local_residual_var(s[None], 2)[0][inner])
+    var = np.concatenate(var_list)
     mean = np.concatenate(mean_list).astype(np.float64)
-    if res.size < 200:
+    if var.size < 200:
         return neutral, {}
     edges = np.quantile(mean, np.linspace(0.0, 1.0, 9))
     sig, mu = [], []
@@ -476,29 +559,64 @@ def noise_features(array: np.ndarray) -> Tuple[Dict[str, float], Dict[str, Any]]
         sel = (mean >= lo) & (mean <= hi)
         if np.count_nonzero(sel) < 25:
             continue
-        sig.append(_robust_sigma(res[sel]))
+        sig.append(_flat_sigma(var[sel]))
         mu.append(float(np.median(mean[sel])))
     sig_a, mu_a = np.asarray(sig), np.asarray(mu)
-    ok = (sig_a > 0) & (mu_a > 0)
+    floor = RICIAN_FLOOR_SIGMAS * background_sigma / RAYLEIGH_STD if background_sigma else 0.0
+    ok = (sig_a > 0) & (mu_a > max(floor, 0.0))
     object_mean = float(mean.mean())
-    details: Dict[str, Any] = {"noise_voxels": int(res.size), "noise_slices": int(picks.size),
+    details: Dict[str, Any] = {"noise_voxels": int(var.size), "noise_slices": int(picks.size),
                                "object_mean": object_mean}
     out = dict(neutral)
     if np.count_nonzero(ok) >= 3:
         slope = np.polyfit(np.log(mu_a[ok]), np.log(sig_a[ok]), 1)[0]
         out["noise_exponent"] = float(slope)
+        out["poisson_mismatch"] = float(min(abs(slope - 0.5), 3.0))
         gain = float(np.median(sig_a[ok] ** 2 / mu_a[ok]))
+        details["sigma_at_mean"] = float(np.interp(object_mean, mu_a[ok], sig_a[ok]))
         counts = object_mean / gain if gain > 0 else MAX_COUNTS
         out["log10_counts"] = math.log10(min(max(counts, 1.0), MAX_COUNTS))
+    if v1_list:
+        s1, s2 = _flat_sigma(np.concatenate(v1_list)), _flat_sigma(np.concatenate(v2_list))
+        if s1 > 0 and s2 > 0:
+            out["noise_whiteness"] = float(np.clip(math.log2(s2 / s1), -1.0, 3.0))
     top = mean >= np.quantile(mean, 0.9)
     if np.count_nonzero(top) >= 25:
-        out["nsr_high_percent"] = 100.0 * _robust_sigma(res[top]) / float(np.median(mean[top]))
+        out["nsr_high_percent"] = 100.0 * _flat_sigma(var[top]) / float(np.median(mean[top]))
     details["bins"] = {"mean": [round(v, 6) for v in mu], "sigma": [round(v, 6) for v in sig]}
     return out, details
 
 
 # --------------------------------------------------------------------------------------------------------
 # evidence
+
+
+#: Tolerances of :func:`count_limited_score`: full-dose counts (log10), exponent tolerance around 0.5,
+#: whiteness above which the residual is anatomy rather than noise.
+COUNT_LIMITED_FULL_LOG10: float = 2.5
+COUNT_LIMITED_EXPONENT_TOL: float = 0.3
+COUNT_LIMITED_WHITENESS_MAX: float = 0.8
+
+
+def count_limited_score(features: Mapping[str, float]) -> float:
+    """Evidence of count-limited (low-dose) noise as a product of its three physical conditions, each a hinge
+    in [0, 1] except the first: (log10 counts below :data:`COUNT_LIMITED_FULL_LOG10`, i.e. fewer counts per
+    voxel than a full-dose PET) × (noise exponent within :data:`COUNT_LIMITED_EXPONENT_TOL` of the Poisson 0.5)
+    × (residual white, whiteness below :data:`COUNT_LIMITED_WHITENESS_MAX`). 0 for CT. A product, because each
+    condition alone is common in clean MR (low SNR, texture that happens to scale like √mean)."""
+    if float(features.get("ct_like", 0.0)) >= 0.5:
+        return 0.0
+    deficit = max(0.0, COUNT_LIMITED_FULL_LOG10 - float(features["log10_counts"]))
+    poisson = max(0.0, 1.0 - float(features["poisson_mismatch"]) / COUNT_LIMITED_EXPONENT_TOL)
+    white = max(0.0, 1.0 - max(float(features["noise_whiteness"]), 0.0) / COUNT_LIMITED_WHITENESS_MAX)
+    return deficit * poisson * white
+
+
+def _noise_ratio(background_sigma: Optional[float], object_sigma: Optional[float]) -> float:
+    """Background noise σ / object noise σ at the mean intensity, capped at 3; 0 when either is unknown."""
+    if not background_sigma or not object_sigma or object_sigma <= 0:
+        return 0.0
+    return float(min(background_sigma / object_sigma, 3.0))
 
 
 def evidence_from_array(array: np.ndarray, spacing_xyz: Sequence[float], ct: bool) -> Evidence:
@@ -516,15 +634,18 @@ def evidence_from_array(array: np.ndarray, spacing_xyz: Sequence[float], ct: boo
         features.update(metal)
         details.update(d)
         features.update(ghost_percent=0.0, ghost_coherence=0.0, log10_counts=math.log10(MAX_COUNTS),
-                        noise_exponent=0.0, nsr_high_percent=0.0)
+                        noise_exponent=0.0, poisson_mismatch=0.5, nsr_high_percent=0.0, noise_whiteness=2.0,
+                        background_noise_ratio=0.0)
     else:
         features.update(log10_metal_mm3=0.0, streak_anisotropy=0.0, streak_energy=0.0)
         ghost, d = ghost_features(a, spacing)
         features.update(ghost)
         details.update(d)
-        noise, d = noise_features(a)
+        noise, d = noise_features(a, details.get("background_sigma"))
         features.update(noise)
         details.update(d)
+        features["background_noise_ratio"] = _noise_ratio(details.get("background_sigma"), d.get("sigma_at_mean"))
+    features["count_limited_score"] = count_limited_score(features)
     ordered = {n: float(features[n]) for n in FEATURE_NAMES}
     return Evidence(ordered, "ct" if ct else "mr_or_pet", details, time.perf_counter() - t0)
 
@@ -554,37 +675,50 @@ def degradation_evidence(image: sitk.Image) -> Evidence:
 
 #: File name of the shipped calibration in ``UniFuseSlicer/Resources/Models``.
 CALIBRATION_NAME = "degradation_evidence.json"
-CALIBRATION_FORMAT = "unifuse.degradation_evidence/1"
+CALIBRATION_FORMAT = "unifuse.degradation_evidence/2"
+#: Which volumes a degradation can occur in (physics): metal artefacts in CT, motion ghosts and low-dose
+#: noise in MR/PET. A class whose gate is closed gets the logit :data:`CLOSED_LOGIT` (probability ~1e-13).
+GATES: Dict[str, str] = {"metal": "ct", "motion": "not_ct", "lowdose": "not_ct"}
+CLOSED_LOGIT: float = -30.0
 
 #: Physical cue rules used when a calibration file does not define its own: class -> {"all": [...],
 #: "any": [...]} of ``[feature, ">=" or "<=", value]``; a cue fires when every "all" condition and at least
 #: one "any" condition (if listed) hold.
 DEFAULT_CUES: Dict[str, Dict[str, List[List[Any]]]] = {
-    "metal": {"all": [["ct_like", ">=", 0.5], ["log10_metal_mm3", ">=", 1.0]],
-              "any": [["streak_energy", ">=", 0.5], ["streak_anisotropy", ">=", 0.3]]},
-    "motion": {"all": [["ct_like", "<=", 0.5]], "any": [["ghost_coherence", ">=", 0.8]]},
-    "lowdose": {"all": [["ct_like", "<=", 0.5], ["log10_counts", "<=", 2.2], ["noise_exponent", ">=", 0.3],
-                        ["noise_exponent", "<=", 0.7]], "any": []},
+    "metal": {"all": [["ct_like", ">=", 0.5], ["log10_metal_mm3", ">=", 1.0]], "any": []},
+    "motion": {"all": [["ct_like", "<=", 0.5], ["ghost_coherence", ">=", 0.6]], "any": []},
+    "lowdose": {"all": [["ct_like", "<=", 0.5], ["log10_counts", "<=", 2.3], ["poisson_mismatch", "<=", 0.2],
+                        ["noise_whiteness", "<=", 0.55]], "any": []},
 }
+
+
+def _gate_open(gate: str, features: Mapping[str, float]) -> bool:
+    ct = float(features["ct_like"]) >= 0.5
+    return ct if gate == "ct" else (not ct if gate == "not_ct" else True)
 
 
 @dataclass(frozen=True)
 class Calibration:
     """Parameters of :func:`combine` (the JSON written by ``docs/probes/degradation_evidence_fit.py``).
 
+    Each model is a *gated* multinomial logistic regression with ``none`` as reference class: for a class c
+    whose gate is open (:data:`GATES`), ``logit_c = bias_c + weights_c · (x_c - mean_c) / scale_c`` on its
+    own clipped evidence features ``x_c`` (so each class is decided by its own physics), plus
+    ``network_weight_k · ln p_net(k)`` for every class k (including none) in the ``evidence+network`` model;
+    then ``p = softmax(logits / temperature)``.
+
     Attributes:
-        classes: class order of the model outputs (:data:`unifuse.config.DEGRADATION_CLASSES`).
-        features: evidence feature order of the model inputs.
-        clip: feature -> (low, high) clipping applied before the model.
-        models: ``"evidence"`` and optionally ``"evidence+network"`` -> {"inputs", "mean", "scale",
-            "weights" (inputs × classes), "bias", "temperature", ...}.
+        classes: class order (:data:`unifuse.config.DEGRADATION_CLASSES`).
+        clip: feature -> (low, high) clipping applied first.
+        models: ``"evidence"`` and optionally ``"evidence+network"`` -> {"inputs": {class: [features]},
+            "mean", "scale", "weights": {class: [...]}, "bias": {class: float}, "network_weight": [4] or
+            absent, "temperature"}.
         cues: class -> cue rule (see :data:`DEFAULT_CUES`).
         source: where the parameters were read from.
-        fitted_on: provenance of the fit (split, subjects, sample counts).
+        fitted_on: provenance of the fit (split, subjects, sample counts, validation summary).
     """
 
     classes: Tuple[str, ...]
-    features: Tuple[str, ...]
     clip: Dict[str, Tuple[float, float]]
     models: Dict[str, Dict[str, Any]]
     cues: Dict[str, Dict[str, List[List[Any]]]]
@@ -594,27 +728,28 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "") -> "Calibration":
         """Parse and check a calibration dictionary (raises ValueError when it does not fit this code)."""
+        where = source or "calibration"
         if d.get("format") != CALIBRATION_FORMAT:
-            raise ValueError(f"{source or 'calibration'}: format {d.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
+            raise ValueError(f"{where}: format {d.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
         classes = tuple(d["classes"])
         if classes != tuple(DEGRADATION_CLASSES):
-            raise ValueError(f"{source}: classes {classes} differ from DEGRADATION_CLASSES {DEGRADATION_CLASSES}")
-        features = tuple(d["features"])
-        unknown = [f for f in features if f not in FEATURES]
-        if unknown:
-            raise ValueError(f"{source}: unknown features {unknown}")
+            raise ValueError(f"{where}: classes {classes} differ from DEGRADATION_CLASSES {DEGRADATION_CLASSES}")
         models = {str(k): dict(v) for k, v in d["models"].items()}
         if "evidence" not in models:
-            raise ValueError(f"{source}: no 'evidence' model")
+            raise ValueError(f"{where}: no 'evidence' model")
         for name, m in models.items():
-            n_in = len(m["inputs"])
-            w = np.asarray(m["weights"], dtype=np.float64)
-            if w.shape != (n_in, len(classes)) or len(m["mean"]) != n_in or len(m["scale"]) != n_in \
-                    or len(m["bias"]) != len(classes) or not float(m["temperature"]) > 0:
-                raise ValueError(f"{source}: model {name!r} has inconsistent shapes")
+            for c in GATES:
+                inputs = list(m["inputs"][c])
+                unknown = [f for f in inputs if f not in FEATURES]
+                sizes = {len(m["mean"][c]), len(m["scale"][c]), len(m["weights"][c])}
+                if unknown or sizes != {len(inputs)} or not all(float(v) > 0 for v in m["scale"][c]):
+                    raise ValueError(f"{where}: model {name!r}, class {c!r}: bad inputs/shapes ({unknown or sizes})")
+            if "network_weight" in m and len(m["network_weight"]) != len(classes):
+                raise ValueError(f"{where}: model {name!r}: network_weight needs {len(classes)} values")
+            if not float(m["temperature"]) > 0:
+                raise ValueError(f"{where}: model {name!r}: temperature must be > 0")
         clip = {str(k): (float(v[0]), float(v[1])) for k, v in d.get("clip", {}).items()}
-        return cls(classes, features, clip, models, dict(d.get("cues", DEFAULT_CUES)), source,
-                   dict(d.get("fitted_on", {})))
+        return cls(classes, clip, models, dict(d.get("cues", DEFAULT_CUES)), source, dict(d.get("fitted_on", {})))
 
 
 def calibration_path() -> Path:
@@ -633,7 +768,8 @@ def load_calibration(path: Optional[PathLike] = None) -> Calibration:
     key = str(p.resolve())
     if key not in _CACHE:
         if not p.is_file():
-            raise FileNotFoundError(f"degradation calibration {p} not found; run docs/probes/degradation_evidence_fit.py")
+            raise FileNotFoundError(
+                f"degradation calibration {p} not found; run docs/probes/degradation_evidence_fit.py")
         _CACHE[key] = Calibration.from_dict(json.loads(p.read_text()), source=str(p))
     return _CACHE[key]
 
@@ -648,8 +784,8 @@ def _cue_fired(rule: Mapping[str, Sequence[Sequence[Any]]], features: Mapping[st
     return all(holds(c) for c in rule.get("all", [])) and (not any_rules or any(holds(c) for c in any_rules))
 
 
-def _network_vector(network_probs: Mapping[str, float], classes: Sequence[str]) -> np.ndarray:
-    """Network probabilities in ``classes`` order, renormalised, as clipped natural logs."""
+def network_log_probs(network_probs: Mapping[str, float], classes: Sequence[str] = DEGRADATION_CLASSES) -> np.ndarray:
+    """Network probabilities in ``classes`` order, renormalised, as natural logs clipped at ln 1e-6."""
     missing = [c for c in classes if c not in network_probs]
     if missing:
         raise ValueError(f"network probabilities lack {missing}")
@@ -659,6 +795,25 @@ def _network_vector(network_probs: Mapping[str, float], classes: Sequence[str]) 
     return np.log(np.clip(p / p.sum(), 1e-6, 1.0))
 
 
+def model_logits(features: Mapping[str, float], model: Mapping[str, Any], clip: Mapping[str, Tuple[float, float]],
+                 classes: Sequence[str] = DEGRADATION_CLASSES,
+                 network_probs: Optional[Mapping[str, float]] = None) -> np.ndarray:
+    """Logits of one gated model (before the temperature), in ``classes`` order."""
+    logits = np.zeros(len(classes))
+    for i, c in enumerate(classes):
+        if c not in GATES:
+            continue
+        if not _gate_open(GATES[c], features):
+            logits[i] = CLOSED_LOGIT
+            continue
+        x = np.array([float(np.clip(features[f], *clip.get(f, (-np.inf, np.inf)))) for f in model["inputs"][c]])
+        z = (x - np.asarray(model["mean"][c], dtype=np.float64)) / np.asarray(model["scale"][c], dtype=np.float64)
+        logits[i] = float(model["bias"][c]) + float(z @ np.asarray(model["weights"][c], dtype=np.float64))
+    if network_probs is not None and "network_weight" in model:
+        logits += np.asarray(model["network_weight"], dtype=np.float64) * network_log_probs(network_probs, classes)
+    return logits
+
+
 def combine(
     evidence: Evidence,
     network_probs: Optional[Mapping[str, float]] = None,
@@ -666,24 +821,23 @@ def combine(
 ) -> DegradationDecision:
     """Calibrated degradation probabilities from the evidence and, if given, the network's probabilities.
 
-    A multinomial logistic regression on the clipped, standardised evidence features (+ the log network
-    probabilities), with a temperature, fitted on simulated training cases (``calibration``; default: the
-    shipped file). Without network probabilities (e.g. an untrained network) the evidence-only model is used.
+    The gated logistic model of :class:`Calibration` (default: the shipped file), fitted on simulated
+    training cases. Without network probabilities (e.g. an untrained network) the evidence-only model is used,
+    which is calibrated on its own.
 
     Returns:
         :class:`DegradationDecision` — a mapping class -> probability (sums to 1) carrying the evidence, the
         cues that fired and the model used.
+
+    Raises:
+        ValueError: network probabilities that lack a class, are negative or not finite.
     """
     cal = calibration if calibration is not None else load_calibration()
     use_network = network_probs is not None and "evidence+network" in cal.models
     name = "evidence+network" if use_network else "evidence"
     model = cal.models[name]
-    x = np.array([float(np.clip(evidence.features[f], *cal.clip.get(f, (-np.inf, np.inf)))) for f in cal.features])
-    if use_network:
-        assert network_probs is not None
-        x = np.concatenate([x, _network_vector(network_probs, cal.classes)])
-    z = (x - np.asarray(model["mean"])) / np.asarray(model["scale"])
-    logits = (z @ np.asarray(model["weights"]) + np.asarray(model["bias"])) / float(model["temperature"])
+    logits = model_logits(evidence.features, model, cal.clip, cal.classes, network_probs if use_network else None)
+    logits = logits / float(model["temperature"])
     logits -= logits.max()
     p = np.exp(logits)
     p /= p.sum()

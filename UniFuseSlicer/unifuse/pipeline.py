@@ -45,6 +45,7 @@ from . import __version__
 from .config import DEGRADATION_CLASSES, ModelConfig, get_config
 from .errors import CancelledError, DeviceError, UniFuseError
 from .options import FuseOptions
+from .degradation_evidence import degradation_evidence
 from .report import NOT_IMPROVED_WARNING, RunReport, StageRecord
 from .weights import Checkpoint, load_checkpoint, shipped_weights_path
 
@@ -389,7 +390,11 @@ class DeformableOutcome:
         global_stage: the kept global stage (header or affine).
         u: (1, 3, D, H, W) final deformable field (working-grid voxels), or None when no deformable stage
             was kept.
-        probs: (Ñ,) classifier probabilities; p_used: (Ñ,) the class weights the prompts and ALSN mixed with.
+        probs: (Ñ,) the network's (DAPL) classifier probabilities.
+        decision: the calibrated degradation decision (:func:`unifuse.degradation_evidence.combine`: the
+            physical evidence of the moving volume with the network's probabilities when it is trained).
+        p_used: (Ñ,) the class weights the prompts and ALSN mixed with (the calibrated probabilities for
+            ``degradation="auto"``, else one-hot).
         fused: (D, H, W) fused volume on the working grid, [0, 1].
         folding_working: fraction of working-grid voxels with det J <= 0 of the final field.
         device: where the network ran.
@@ -399,6 +404,7 @@ class DeformableOutcome:
     global_stage: Any
     u: Optional[Any]
     probs: np.ndarray
+    decision: Any
     p_used: np.ndarray
     fused: np.ndarray
     folding_working: float
@@ -408,12 +414,13 @@ class DeformableOutcome:
 def _deformable_stages(
     run: _Run, loaded: LoadedModel, ref_img: sitk.Image, mov_img: sitk.Image, masks: Tuple[Any, Any],
     globals_: List[Any], opts: FuseOptions, degradation_id: Optional[int], norms: Tuple[Any, Any],
-    spacing_mm: float, device: "torch.device",  # noqa: F821
+    spacing_mm: float, device: "torch.device", evidence: Any,  # noqa: F821
 ) -> DeformableOutcome:
     """Working grid, guard of the global stages, network field, refinement, fusion — all on one grid."""
     import torch
 
     from . import resources, stages
+    from .degradation_evidence import combine
     from .guard import AlignmentGuard
     from .spatial import jacobian_determinant
 
@@ -443,7 +450,13 @@ def _deformable_stages(
         loaded.model.to(device)
         with torch.inference_mode(), _cancel_hooks(loaded.model, run.check_cancel):
             analysis = loaded.model.analyse(work.fixed, base.moving)
-            deg = None if degradation_id is None else torch.tensor([degradation_id], device=device)
+            network_probs = analysis.dapl.probs[0].float().cpu().numpy()
+            decision = combine(evidence, dict(zip(DEGRADATION_CLASSES, map(float, network_probs)))
+                               if loaded.trained else None)
+            if degradation_id is None:  # the calibrated probabilities are the mixture the network uses
+                deg = torch.tensor([[decision[name] for name in DEGRADATION_CLASSES]], device=device)
+            else:
+                deg = torch.tensor([degradation_id], device=device)
             p = loaded.model.resolve_degradation(deg, analysis.dapl.probs)
             u_net = loaded.model.predict_field(analysis, p) if opts.network else None
         u = None
@@ -483,7 +496,7 @@ def _deformable_stages(
         torch.cuda.synchronize(device)
     return DeformableOutcome(
         work=work, global_stage=kept_global, u=None if u is None else u.detach().float().cpu(),
-        probs=analysis.dapl.probs[0].float().cpu().numpy(), p_used=p[0].float().cpu().numpy(),
+        probs=network_probs, decision=decision, p_used=p[0].float().cpu().numpy(),
         fused=fused[0, 0].float().cpu().numpy(), folding_working=folding, device=device,
     )
 
@@ -541,6 +554,8 @@ def fuse(
         memory = _check_reference_memory(ref_img, mov_img)
         ref_norm, ref_step = stages.normalization(ref_img, "reference")
         mov_norm, mov_step = stages.normalization(mov_img, "moving")
+    with run.stage("degradation_evidence", 0.04, "measuring degradation cues"):
+        evidence = degradation_evidence(mov_img)  # on the moving volume as read: its own grid and units
 
     with run.stage("load_model", 0.05, "loading the network"):
         loaded = model if model is not None else load_model(opts.weights, opts.config, dev, opts.seed)
@@ -566,12 +581,12 @@ def fuse(
     outcome = run_with_fallback(
         network_attempts(opts.working_spacing_mm, dev),
         lambda spacing, device: _deformable_stages(run, loaded, ref_img, mov_img, masks, globals_, opts,
-                                                   degradation_id, (ref_norm, mov_norm), spacing, device),
+                                                   degradation_id, (ref_norm, mov_norm), spacing, device, evidence),
         run.note,
     )
     work, kept_global = outcome.work, outcome.global_stage
-    probs = outcome.probs
-    predicted = DEGRADATION_CLASSES[int(np.argmax(probs))]
+    decision = outcome.decision
+    predicted = decision.predicted
     used = predicted if degradation_id is None else DEGRADATION_CLASSES[degradation_id]
 
     with run.stage("warp", 0.75, "warping the moving volume (one resampling)"):
@@ -623,8 +638,13 @@ def fuse(
             "requested": opts.degradation,
             "predicted": predicted,
             "used": used,
-            "probabilities": {name: float(v) for name, v in zip(DEGRADATION_CLASSES, probs)},
+            "probabilities": {name: float(decision[name]) for name in DEGRADATION_CLASSES},
+            "network_probabilities": {name: float(v) for name, v in zip(DEGRADATION_CLASSES, outcome.probs)},
             "mixture": {name: float(v) for name, v in zip(DEGRADATION_CLASSES, outcome.p_used)},
+            "note": "probabilities: calibrated from the moving volume's physical evidence"
+                    + (" and the network's classifier" if decision.used_network else " alone (untrained network)")
+                    + "; mixture: the class weights the network's prompts and LoRA experts used",
+            "decision": decision.to_dict(),
         },
         "displacement": {
             "convention": "pull-back, LPS mm, aligned(x) = moving(x + U(x)); U composes header, affine, network "

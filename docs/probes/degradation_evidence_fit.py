@@ -17,14 +17,15 @@ Samples come from the real volumes of ``unifuse data real`` (``real_data/volumes
 grid), each subject in one split only (the split recorded by the data builder). Per clean source:
 
 * ``none``: the source itself; a random sub-block of real volumes; MR with added Rician noise (SNR at the
-  object's mean uniform in [8, 60]: additive noise is not count-limited noise); PET at full dose (Poisson,
-  300–900 counts at the mean activity); CT with quantum noise and no metal (the simulator with an empty metal
-  mask); CT with 1–2 dense non-metal objects (2000–2990 HU, radius 1–3 mm: enamel, cortical bone,
-  calcification, contrast — below the 3000 HU metal threshold).
+  object's mean uniform in [8, 60]: additive noise is not count-limited noise), once more with the background
+  set to 0 as in masked exports; PET at full dose (Poisson, 300–900 counts at the mean activity); CT with
+  quantum noise and no metal (the simulator with an empty metal mask); CT with 1–2 dense non-metal objects
+  (2000–2990 HU, radius 1–3 mm: enamel, cortical bone, calcification, contrast — below the 3000 HU metal
+  threshold).
 * ``metal`` (CT sources; real CTs first resampled to the 160² matrix of the case builder), ``motion`` (MR
-  sources; one of three with Rician noise afterwards, SNR in [20, 80]) and ``lowdose`` (PET sources, incl. PET synthesised from
-  the split's real CT and MR volumes): :func:`unifuse.data.real_cases.degrade` with the split's simulator
-  settings (``DEGRADATION_SETTINGS``; validation settings are never used for training).
+  sources; one of three with Rician noise afterwards, SNR in [20, 80]) and ``lowdose`` (PET sources, incl. PET
+  synthesised from the split's real CT and MR volumes): :func:`unifuse.data.real_cases.degrade` with the
+  split's simulator settings (``DEGRADATION_SETTINGS``; validation settings are never used for training).
 
 The network probabilities come from the shipped weights on the pipeline's default working grid after the header
 pre-alignment, with the case's reference volume (or, for samples made from a real volume, that clean volume).
@@ -45,7 +46,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import optimize
+from scipy import ndimage, optimize
 
 from unifuse import degradation_evidence as de
 from unifuse.config import DEGRADATION_CLASSES
@@ -188,6 +189,14 @@ def samples(src: Source) -> Iterator[Tuple[str, str, str, Callable[[], sitk.Imag
             rng = _rng(src.id, "rician")
             return _image(_rician(arr(), float(rng.uniform(8, 60)), rng), img, False)
         yield f"{src.id}/none-rician", "none", "rician", noisy, {}
+
+        def masked() -> sitk.Image:
+            rng = _rng(src.id, "rician-masked")
+            a = arr()
+            out = _rician(a, float(rng.uniform(8, 60)), rng)
+            keep = ndimage.binary_dilation(a > 0.05 * float(np.percentile(a, 99.5)), iterations=2)
+            return _image(np.where(keep, out, 0.0), img, False)
+        yield f"{src.id}/none-rician-masked", "none", "rician, background masked", masked, {}
         for k in range(3):
             def motion(k: int = k) -> sitk.Image:
                 rng = _rng(src.id, "motion", k)
@@ -214,8 +223,9 @@ def samples(src: Source) -> Iterator[Tuple[str, str, str, Callable[[], sitk.Imag
             def quantum() -> sitk.Image:
                 rng = _rng(src.id, "quantum")
                 a = base_arr()
-                out = degradations.simulate_metal_artifacts(a, np.zeros(a.shape, bool), rng, spacing_mm=base.GetSpacing(),
-                                                            photons=float(np.exp(rng.uniform(np.log(1e4), np.log(1e5)))))
+                photons = float(np.exp(rng.uniform(np.log(1e4), np.log(1e5))))
+                out = degradations.simulate_metal_artifacts(a, np.zeros(a.shape, bool), rng,
+                                                            spacing_mm=base.GetSpacing(), photons=photons)
                 return _image(out, base, True)
             yield f"{src.id}/none-quantum", "none", "quantum noise", quantum, {}
 
@@ -336,14 +346,45 @@ def load(cache: Path, split: str) -> List[Dict[str, Any]]:
     return [r for r in rows if r["split"] == split]
 
 
-def design(rows: List[Dict[str, Any]], names: Sequence[str], clip: Dict[str, Tuple[float, float]],
-           network: bool) -> np.ndarray:
-    """Raw feature matrix: clipped evidence features (+ log network probabilities)."""
-    x = np.array([[float(np.clip(r["features"][n], *clip[n])) for n in names] for r in rows], dtype=np.float64)
-    if network:
-        p = np.array([[r["network"][c] for c in CLASSES] for r in rows], dtype=np.float64)
-        x = np.concatenate([x, np.log(np.clip(p, 1e-6, 1.0))], axis=1)
-    return x
+#: Evidence features of each class's logit (the gate is :data:`unifuse.degradation_evidence.GATES`).
+INPUTS: Dict[str, List[str]] = {
+    "metal": ["log10_metal_mm3", "streak_energy", "streak_anisotropy"],
+    "motion": ["ghost_coherence"],
+    "lowdose": ["count_limited_score", "background_noise_ratio"],
+}
+
+#: Feature clipping applied before the model (keeps extreme measurements from dominating a linear model).
+CLIP: Dict[str, Tuple[float, float]] = {
+    "log10_metal_mm3": (0.0, 5.0),
+    "streak_anisotropy": (-1.0, 2.0),
+    "streak_energy": (-2.0, 4.0),
+    "ghost_percent": (0.0, 10.0),
+    "ghost_coherence": (0.0, 3.0),
+    "log10_counts": (0.0, 5.0),
+    "poisson_mismatch": (0.0, 2.0),
+    "nsr_high_percent": (0.0, 40.0),
+    "noise_whiteness": (-1.0, 3.0),
+    "background_noise_ratio": (0.0, 2.0),
+    "count_limited_score": (0.0, 2.5),
+}
+
+
+@dataclass
+class Design:
+    """Training matrices of the gated model."""
+
+    y: np.ndarray  # (n,) class ids
+    open: Dict[str, np.ndarray]  # class -> (n,) bool gate
+    x: Dict[str, np.ndarray]  # class -> (n, d_c) clipped features
+    lnp: Optional[np.ndarray]  # (n, 4) log network probabilities
+
+
+def design(rows: List[Dict[str, Any]], network: bool) -> Design:
+    y = np.array([CLASSES.index(r["label"]) for r in rows])
+    opened = {c: np.array([de._gate_open(de.GATES[c], r["features"]) for r in rows]) for c in de.GATES}
+    x = {c: np.array([[float(np.clip(r["features"][f], *CLIP[f])) for f in INPUTS[c]] for r in rows]) for c in de.GATES}
+    lnp = np.array([de.network_log_probs(r["network"]) for r in rows]) if network else None
+    return Design(y, opened, x, lnp)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -352,100 +393,149 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, weights: np.ndarray, l2: float) -> Tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression (L2 on the weights, not the biases) by L-BFGS; x standardised."""
-    n, d = x.shape
-    k = len(CLASSES)
-    onehot = np.eye(k)[y]
+def _logits(d: Design, rows: np.ndarray, params: Dict[str, Any]) -> np.ndarray:
+    n = int(rows.sum())
+    out = np.zeros((n, len(CLASSES)))
+    for c in de.GATES:
+        k = CLASSES.index(c)
+        z = (d.x[c][rows] - params["mean"][c]) / params["scale"][c]
+        out[:, k] = np.where(d.open[c][rows], params["bias"][c] + z @ params["weights"][c], de.CLOSED_LOGIT)
+    if d.lnp is not None and "network_weight" in params:
+        out += params["network_weight"] * d.lnp[rows]
+    return out
+
+
+def fit_gated(d: Design, rows: np.ndarray, l2: float) -> Dict[str, Any]:
+    """Gated multinomial logistic regression (none = reference) by L-BFGS; class-balanced NLL, L2 on the
+    weights (not the biases); features standardised over the training rows whose gate is open."""
+    y = d.y[rows]
+    counts = np.bincount(y, minlength=len(CLASSES)).astype(np.float64)
+    sw = (len(y) / (len(CLASSES) * np.maximum(counts, 1)))[y]
+    sw = sw / sw.sum()
+    onehot = np.eye(len(CLASSES))[y]
+    params: Dict[str, Any] = {"mean": {}, "scale": {}, "bias": {}, "weights": {}}
+    for c in de.GATES:
+        xo = d.x[c][rows][d.open[c][rows]]
+        params["mean"][c] = xo.mean(axis=0) if len(xo) else np.zeros(len(INPUTS[c]))
+        params["scale"][c] = (xo.std(axis=0) if len(xo) else np.ones(len(INPUTS[c]))) + 1e-3
+    sizes = [len(INPUTS[c]) for c in de.GATES]
+    n_net = len(CLASSES) if d.lnp is not None else 0
+
+    def unpack(theta: np.ndarray) -> Dict[str, Any]:
+        p = dict(params, bias={}, weights={})
+        i = 0
+        for c, m in zip(de.GATES, sizes):
+            p["bias"][c] = theta[i]
+            p["weights"][c] = theta[i + 1: i + 1 + m]
+            i += 1 + m
+        if n_net:
+            p["network_weight"] = theta[i: i + n_net]
+        return p
 
     def loss(theta: np.ndarray) -> Tuple[float, np.ndarray]:
-        w = theta[: d * k].reshape(d, k)
-        b = theta[d * k:]
-        p = softmax(x @ w + b)
-        nll = -np.sum(weights * np.log(np.clip(np.sum(p * onehot, axis=1), 1e-12, None))) / weights.sum()
-        g = (p - onehot) * weights[:, None] / weights.sum()
-        gw = x.T @ g + l2 * w
-        gb = g.sum(axis=0)
-        return nll + 0.5 * l2 * float(np.sum(w * w)), np.concatenate([gw.ravel(), gb])
+        p = unpack(theta)
+        prob = softmax(_logits(d, rows, p))
+        nll = -float(np.sum(sw * np.log(np.clip(np.sum(prob * onehot, axis=1), 1e-300, None))))
+        g = (prob - onehot) * sw[:, None]
+        grad: List[np.ndarray] = []
+        reg = 0.0
+        for c in de.GATES:
+            k = CLASSES.index(c)
+            z = (d.x[c][rows] - p["mean"][c]) / p["scale"][c]
+            gk = g[:, k] * d.open[c][rows]
+            grad.append(np.array([gk.sum()]))
+            grad.append(z.T @ gk + l2 * p["weights"][c])
+            reg += 0.5 * l2 * float(np.sum(p["weights"][c] ** 2))
+        if n_net:
+            assert d.lnp is not None
+            grad.append(np.sum(g * d.lnp[rows], axis=0) + l2 * p["network_weight"])
+            reg += 0.5 * l2 * float(np.sum(p["network_weight"] ** 2))
+        return nll + reg, np.concatenate(grad)
 
-    theta0 = np.zeros(d * k + k)
-    res = optimize.minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 2000})
-    return res.x[: d * k].reshape(d, k), res.x[d * k:]
+    theta0 = np.zeros(sum(1 + m for m in sizes) + n_net)
+    res = optimize.minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 5000})
+    return unpack(res.x)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """Temperature T minimising the NLL of softmax(logits / T)."""
     def nll(log_t: float) -> float:
         p = softmax(logits / math.exp(log_t))
-        return -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+        return -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None))))
     res = optimize.minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
     return float(math.exp(res.x))
 
 
-def class_weights(y: np.ndarray) -> np.ndarray:
-    """Per-sample weights giving each class the same total weight."""
-    counts = np.bincount(y, minlength=len(CLASSES)).astype(np.float64)
-    return (len(y) / (len(CLASSES) * np.maximum(counts, 1)))[y]
-
-
-def fit_model(rows: List[Dict[str, Any]], names: Sequence[str], clip: Dict[str, Tuple[float, float]],
-              network: bool, l2_grid: Sequence[float] = (0.003, 0.01, 0.03, 0.1, 0.3)) -> Dict[str, Any]:
-    """L2 strength by leave-one-subject-out NLL, then the temperature on the out-of-fold logits, then the final
-    fit on all training rows."""
-    y = np.array([CLASSES.index(r["label"]) for r in rows])
-    x_raw = design(rows, names, clip, network)
+def fit_model(rows: List[Dict[str, Any]], network: bool,
+              l2_grid: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1)) -> Dict[str, Any]:
+    """L2 strength by leave-one-subject-out NLL, the temperature on those out-of-fold logits, then the final fit
+    on all training rows."""
+    d = design(rows, network)
     subjects = np.array([r["subject"] for r in rows])
     best: Optional[Tuple[float, float, np.ndarray]] = None
     for l2 in l2_grid:
         oof = np.zeros((len(rows), len(CLASSES)))
         for s in np.unique(subjects):
-            tr, te = subjects != s, subjects == s
-            mu, sd = x_raw[tr].mean(axis=0), x_raw[tr].std(axis=0) + 1e-6
-            w, b = fit_logistic((x_raw[tr] - mu) / sd, y[tr], class_weights(y[tr]), l2)
-            oof[te] = ((x_raw[te] - mu) / sd) @ w + b
+            test = subjects == s
+            oof[test] = _logits(d, test, fit_gated(d, ~test, l2))
         p = softmax(oof)
-        nll = -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
-        print(f"  l2={l2:g}: leave-one-subject-out NLL {nll:.4f}, accuracy {np.mean(p.argmax(1) == y):.3f}")
+        nll = -float(np.mean(np.log(np.clip(p[np.arange(len(d.y)), d.y], 1e-300, None))))
+        print(f"  l2={l2:g}: leave-one-subject-out NLL {nll:.4f}, accuracy {np.mean(p.argmax(1) == d.y):.3f}")
         if best is None or nll < best[0]:
             best = (nll, l2, oof)
     assert best is not None
-    _, l2, oof = best
-    temperature = fit_temperature(oof, y)
-    mu, sd = x_raw.mean(axis=0), x_raw.std(axis=0) + 1e-6
-    w, b = fit_logistic((x_raw - mu) / sd, y, class_weights(y), l2)
-    inputs = list(names) + ([f"log_network_{c}" for c in CLASSES] if network else [])
-    return {"inputs": inputs, "mean": mu.tolist(), "scale": sd.tolist(), "weights": w.tolist(), "bias": b.tolist(),
-            "temperature": temperature, "l2": l2, "training_samples": len(rows)}
+    nll, l2, oof = best
+    temperature = fit_temperature(oof, d.y)
+    params = fit_gated(d, np.ones(len(rows), dtype=bool), l2)
+    out: Dict[str, Any] = {
+        "inputs": {c: INPUTS[c] for c in de.GATES},
+        "mean": {c: params["mean"][c].tolist() for c in de.GATES},
+        "scale": {c: params["scale"][c].tolist() for c in de.GATES},
+        "bias": {c: float(params["bias"][c]) for c in de.GATES},
+        "weights": {c: params["weights"][c].tolist() for c in de.GATES},
+        "temperature": temperature, "l2": l2, "training_samples": len(rows),
+        "leave_one_subject_out_nll": nll,
+    }
+    if network:
+        out["network_weight"] = params["network_weight"].tolist()
+    return out
 
 
-#: Feature clipping applied before the model (keeps extreme measurements from dominating a linear model).
-CLIP: Dict[str, Tuple[float, float]] = {
-    "ct_like": (0.0, 1.0),
-    "log10_metal_mm3": (0.0, 5.0),
-    "streak_anisotropy": (-1.0, 2.0),
-    "streak_energy": (-2.0, 4.0),
-    "ghost_percent": (0.0, 10.0),
-    "ghost_coherence": (0.0, 3.0),
-    "log10_counts": (0.0, 5.0),
-    "noise_exponent": (-2.0, 2.0),
-    "nsr_high_percent": (0.0, 40.0),
-}
+def _boundary(model: Dict[str, Any], c: str, feature: str) -> float:
+    """Value of ``feature`` where class ``c``'s evidence logit equals none's (0), the other inputs at their
+    training mean (standardised 0)."""
+    i = model["inputs"][c].index(feature)
+    w = model["weights"][c][i]
+    return float(model["mean"][c][i] - model["bias"][c] * model["scale"][c][i] / w)
+
+
+def cue_rules(model: Dict[str, Any]) -> Dict[str, Dict[str, List[List[Any]]]]:
+    """Cue rules at the evidence model's decision boundaries (each class against none, one feature)."""
+    return {
+        "metal": {"all": [["ct_like", ">=", 0.5],
+                          ["log10_metal_mm3", ">=", round(_boundary(model, "metal", "log10_metal_mm3"), 3)]],
+                  "any": []},
+        "motion": {"all": [["ct_like", "<=", 0.5],
+                           ["ghost_coherence", ">=", round(_boundary(model, "motion", "ghost_coherence"), 3)]],
+                   "any": []},
+        "lowdose": {"all": [["ct_like", "<=", 0.5],
+                            ["count_limited_score", ">=",
+                             round(_boundary(model, "lowdose", "count_limited_score"), 3)]], "any": []},
+    }
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
     rows = load(Path(args.cache), "train")
-    names = list(de.FEATURE_NAMES)
     print(f"{len(rows)} training samples:", {c: sum(r['label'] == c for r in rows) for c in CLASSES})
-    models = {"evidence": fit_model(rows, names, CLIP, network=False)}
+    models = {"evidence": fit_model(rows, network=False)}
     if all("network" in r for r in rows):
-        models["evidence+network"] = fit_model(rows, names, CLIP, network=True)
+        models["evidence+network"] = fit_model(rows, network=True)
     calib = {
-        "format": "unifuse.degradation_evidence/1",
+        "format": de.CALIBRATION_FORMAT,
         "classes": list(CLASSES),
-        "features": names,
         "clip": {n: list(v) for n, v in CLIP.items()},
         "models": models,
-        "cues": json.loads(Path(args.cues).read_text()) if args.cues else de.DEFAULT_CUES,
+        "cues": cue_rules(models["evidence"]),
         "fitted_on": {
             "split": "train",
             "subjects": sorted({r["subject"] for r in rows}),
@@ -494,10 +584,21 @@ def score(rows: List[Dict[str, Any]], calibration: de.Calibration, network: bool
     per_class = {c: float(np.mean(pred[y == i] == i)) if np.any(y == i) else None for i, c in enumerate(CLASSES)}
     nll = -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
     real_none = np.array([r["real"] and r["label"] == "none" for r in rows])
+    as_is = np.array([r["real"] and r["label"] == "none" and r["variant"] in ("clean", "crop") for r in rows])
+    by_variant: Dict[str, List[int]] = {}
+    for r, q, t in zip(rows, pred, y):
+        key = f"{r['label']}/{r['variant']}/{'real' if r['real'] else 'synthetic'}"
+        by_variant.setdefault(key, [0, 0])
+        by_variant[key][0] += int(q == t)
+        by_variant[key][1] += 1
     return {"n": len(rows), "accuracy": float(np.mean(pred == y)), "per_class": per_class,
             "confusion": confusion.tolist(), "ece10": ece(p, y), "nll": nll,
             "real_none_accuracy": float(np.mean(pred[real_none] == 0)) if real_none.any() else None,
-            "real_none_n": int(real_none.sum()), "pred": pred.tolist(), "probs": p.tolist()}
+            "real_none_n": int(real_none.sum()),
+            "real_as_is_none_accuracy": float(np.mean(pred[as_is] == 0)) if as_is.any() else None,
+            "real_as_is": {r["id"]: CLASSES[q] for r, q, a in zip(rows, pred, as_is) if a},
+            "by_variant": {k: f"{v[0]}/{v[1]}" for k, v in sorted(by_variant.items())},
+            "pred": pred.tolist(), "probs": p.tolist()}
 
 
 def raw_network(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -524,6 +625,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
             print(f"-- {name}: accuracy {s['accuracy']:.3f}  ECE10 {s['ece10']:.3f}  NLL {s['nll']:.3f}  "
                   f"real clean volumes 'none' {s['real_none_accuracy']} (n={s['real_none_n']})")
             print("   per class", {k: (round(v, 3) if v is not None else None) for k, v in s["per_class"].items()})
+            print(f"   real volumes as they are (whole + sub-block) called none: {s['real_as_is_none_accuracy']}",
+                  s["real_as_is"])
+            print("   correct per sample kind", s["by_variant"])
             print("   confusion (rows truth, columns predicted)", CLASSES)
             for c, line in zip(CLASSES, s["confusion"]):
                 print(f"   {c:8s}", line)
@@ -553,7 +657,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = sub.add_parser("fit")
     p.add_argument("--cache", default="/tmp/de_cache")
     p.add_argument("--write")
-    p.add_argument("--cues")
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("validate")
     p.add_argument("--cache", default="/tmp/de_cache")

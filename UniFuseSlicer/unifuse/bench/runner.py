@@ -6,7 +6,7 @@ For every case (:mod:`unifuse.bench.cases`: the synthetic held-out tasks, ``--pa
 * **UniFuse pipeline runs** (:data:`PIPELINE_VARIANTS`) — :func:`unifuse.pipeline.fuse` with one network
   loaded once (shipped weights, ``--weights``, or an untrained network that the report flags),
   ``degradation="auto"``, fused volume in [0, 1] (``map_back=False``), each with its own options: ``unifuse``
-  (the defaults), ``unifuse-refine-none`` / ``unifuse-refine-full`` (another refinement), and the ablations
+  (the defaults), ``unifuse-refine-fast`` / ``unifuse-refine-full`` (with a refinement), and the ablations
   without the network's field: ``affine+refine-fast``, ``affine+refine-full`` and ``affine-only``. Every run
   records the guard's decisions (``report["alignment"]``) and its per-stage times (``report["timings_s"]``).
 * **registration baselines** (:mod:`unifuse.bench.baselines`) — ``none`` (header geometry: the floor),
@@ -39,6 +39,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..errors import UniFuseError
+from ..options import FuseOptions
 from ..evaluation import MASK_RULE, EvaluationCase, as_evaluation_case, evaluate_alignment, evaluate_fusion
 from ..evaluation import reduction_percent
 from ..metrics import FUSION_METRIC_KEYS
@@ -71,8 +72,8 @@ TRUTH = "truth"
 HEADER_ONLY = "none"
 #: UniFuse pipeline runs: method name -> FuseOptions overrides (on top of the defaults) and a description.
 PIPELINE_VARIANTS: Dict[str, Tuple[Dict[str, Any], str]] = {
-    UNIFUSE: ({}, "the pipeline's defaults (affine, network field, fast refinement, guard)"),
-    "unifuse-refine-none": ({"refine": "none"}, "defaults without refinement"),
+    UNIFUSE: ({}, "the pipeline's defaults (affine, network field, no refinement, guard)"),
+    "unifuse-refine-fast": ({"refine": "fast"}, "defaults with the fast refinement"),
     "unifuse-refine-full": ({"refine": "full"}, "defaults with the full refinement"),
     "affine+refine-fast": ({"network": False, "refine": "fast"}, "ablation: no network field, fast refinement"),
     "affine+refine-full": ({"network": False, "refine": "full"}, "ablation: no network field, full refinement"),
@@ -316,7 +317,7 @@ def _warm_up(loaded: Any, device: Any, opts: BenchOptions, variants: Sequence[st
         return
     demo = make_demo_case(size=24, task="t1-t2-motion", seed=BENCH_FIRST_SEED)
     t0 = time.perf_counter()
-    for refine in sorted({PIPELINE_VARIANTS[v][0].get("refine", "fast") for v in variants}):
+    for refine in sorted({PIPELINE_VARIANTS[v][0].get("refine", FuseOptions().refine) for v in variants}):
         try:
             fuse(demo.reference, demo.moving, device=str(device), model=loaded, map_back=False, refine=refine)
         except Exception as exc:  # the timed runs will report it per case

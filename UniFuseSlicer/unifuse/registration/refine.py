@@ -24,7 +24,7 @@ Method (after ConvexAdam / Learn2Reg instance optimisation, written for this pro
 All fields are pull-back fields in voxels of the working grid, channels (x, y, z), shape (B, 3, D, H, W).
 
 Threads: with other processes on the machine, 2 OpenMP threads ran many times slower until the environment
-variable ``OMP_WAIT_POLICY=PASSIVE`` was set (before Python starts; this module never changes the environment).
+variable ``OMP_WAIT_POLICY=PASSIVE`` was set (before Python starts; this module never sets it).
 """
 
 from __future__ import annotations
@@ -173,6 +173,16 @@ def _diffusion(v_mm: torch.Tensor, spacing_zyx: Sequence[float]) -> torch.Tensor
     return total
 
 
+def _adam(param: torch.Tensor, grad: torch.Tensor, moments: List[torch.Tensor], step: int, lr: float) -> None:
+    """One Adam step (betas 0.9, 0.999) in place. Written out because constructing ``torch.optim.Adam`` the
+    first time in a process imports ``torch._dynamo``, which costs over a second."""
+    m, v = moments
+    m.mul_(0.9).add_(grad, alpha=0.1)
+    v.mul_(0.999).addcmul_(grad, grad, value=0.001)
+    denom = (v / (1 - 0.999**step)).sqrt_().add_(1e-8)
+    param.addcdiv_(m, denom, value=-lr / (1 - 0.9**step))
+
+
 def _xyz(values_zyx: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-channel (x, y, z) factors from per-axis (z, y, x) values, shape (1, 3, 1, 1, 1)."""
     return torch.tensor(list(values_zyx)[::-1], dtype=like.dtype, device=like.device).view(1, 3, 1, 1, 1)
@@ -272,7 +282,7 @@ def refine_field(
     batch, device, shape = fixed.shape[0], fixed.device, tuple(fixed.shape[2:])
     fixed, moving = fixed.float(), moving.float()
     initial = torch.zeros((1, 3) + shape, device=device) if initial is None else initial.float()
-    if initial.shape[1:] != (3,) + shape:
+    if initial.shape[1:] != (3,) + shape or initial.shape[0] not in (1, batch):
         raise ValueError(f"initial must be (B, 3, {shape}); got {tuple(initial.shape)}")
     initial = initial.expand(batch, -1, -1, -1, -1)
     valid = torch.ones_like(fixed) if moving_valid is None else (moving_valid > 0.5).float().expand_as(fixed)
@@ -299,7 +309,7 @@ def refine_field(
         else:
             v_mm = F.interpolate(v_mm.detach(), size=lv.cshape, mode="trilinear", align_corners=True)
         v_mm.requires_grad_(True)
-        optimiser = torch.optim.Adam([v_mm], lr=settings.learning_rate_mm)
+        moments = [torch.zeros_like(v_mm), torch.zeros_like(v_mm)]
         losses: List[float] = []
         count = lv.centres.shape[1]
         for it in range(settings.iterations[level]):
@@ -319,9 +329,9 @@ def refine_field(
             w = lv.weight[:, pick] * (m_val[..., -1:].detach() > 0.999)  # mask and all 8 moving corners valid
             sim = ((f_val - m_val[..., :-1]).square().mean(-1, keepdim=True) * w).sum() / w.sum().clamp(min=1.0)
             loss = sim + settings.smoothness * _diffusion(v_mm, lv.cspacing)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            (grad,) = torch.autograd.grad(loss, v_mm)
+            with torch.no_grad():
+                _adam(v_mm, grad, moments, it + 1, settings.learning_rate_mm)
             losses.append(float(loss.detach()))
         first, last = (losses[0], losses[-1]) if losses else (0.0, 0.0)
         infos.append(LevelInfo(lv.cshape, lv.fshape, len(losses), time.perf_counter() - t0, first, last))
