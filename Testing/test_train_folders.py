@@ -18,28 +18,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from test_folders import SHAPE, _head, _write  # the same fake trees as the loader tests
 from unifuse.data.folders import LAYOUTS, FolderPairs, split_of, subject_of
 from unifuse.errors import DatasetError, UniFuseError
 from unifuse.train.configs import DATA_LAYOUTS, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SHAPE = (10, 14, 16)  # (z, y, x) of the fake volumes
 #: 50/50 train/val, no test split: four subjects give both splits (see the split check in each builder).
 FRACTIONS = [0.5, 0.5, 0.0]
-
-
-def _write(path: Path, array: np.ndarray, spacing=(1.5, 1.5, 2.5)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(spacing)
-    img.SetOrigin((-12.0, -10.0, 4.0))
-    sitk.WriteImage(img, str(path))
-
-
-def _head() -> np.ndarray:
-    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in SHAPE), indexing="ij")
-    return (x**2 + y**2 + z**2) < 0.7
 
 
 def _half_bright(value: float, seed: int) -> np.ndarray:

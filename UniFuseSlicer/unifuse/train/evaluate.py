@@ -445,7 +445,9 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
 
 LIMITATIONS = (
     "Trained and evaluated on synthetic brain volumes only (modalities synthesised from tissue maps, simulated "
-    "degradations and deformations); performance on real patient data is unknown.",
+    "degradations and deformations). On the real-anatomy validation cases of `unifuse bench --real` "
+    "(docs/benchmark.md, 2026-12-03) the pipeline's guard rejected this network's deformable field on every "
+    "case (3 mm working grid after an MI affine), so the alignment there comes from the affine stage.",
     "Not a medical device; not for clinical use or diagnosis.",
     "Trained on CPU for a short schedule at a small working grid; far less training than the paper (500 epochs at "
     "160³ on a GPU). Volumes are processed on this coarse working grid, so fine anatomy is lost in the fused output.",
