@@ -50,12 +50,18 @@ def overlap_index_box(
         GeometryError: no reference point lands inside the moving volume.
     """
     lattice, idx = _lattice(reference, points_per_axis)
-    inside_moving = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    inside_moving.CopyInformation(moving)
+    # map the lattice with numpy (ITK's resampling inverts direction matrices and fails silently on
+    # denormal entries): points p = o + M idx, mapped T(p) = p + (T(p) - p), moving index = M_m^-1 (T(p) - o_m)
+    points = np.asarray(reference.GetOrigin()) + idx @ index_to_physical_matrix(reference).T
+    to_moving_index = np.linalg.inv(index_to_physical_matrix(moving))
+    size_m = np.asarray(moving.GetSize(), dtype=np.float64)
     inside = np.zeros(len(idx), dtype=bool)
     for t in transforms:
-        hit = sitk.Resample(inside_moving, lattice, t, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
-        inside |= sitk.GetArrayViewFromImage(hit).reshape(-1) > 0
+        shift = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+            t, sitk.sitkVectorFloat64, lattice.GetSize(), lattice.GetOrigin(), lattice.GetSpacing(),
+            lattice.GetDirection())).reshape(-1, 3)
+        m_idx = (points + shift - np.asarray(moving.GetOrigin())) @ to_moving_index.T
+        inside |= np.all((m_idx >= -0.5) & (m_idx <= size_m - 0.5), axis=1)
     if not inside.any():
         raise GeometryError(
             "the moving volume does not overlap the reference's field of view under the pre-alignment; fix the "
