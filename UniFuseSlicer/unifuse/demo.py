@@ -9,12 +9,10 @@ nothing".
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
-import numpy as np
 import SimpleITK as sitk
 
 from .options import FuseOptions
@@ -24,14 +22,6 @@ DEMO_INPUTS = {"reference": "reference.nii.gz", "moving": "moving.nii.gz",
                "moving_clean": "truth_moving_aligned_clean.nii.gz", "displacement_gt": "truth_displacement.nii.gz"}
 METRICS_FILE = "metrics.json"
 MONTAGE_FILE = "demo.png"
-
-
-def _unit(image: sitk.Image, like: sitk.Image) -> np.ndarray:
-    """Array of ``image`` normalised to [0, 1] with the robust rule of the pipeline (same as ``like``'s mode)."""
-    from .intensity import normalize_image
-
-    arr, _ = normalize_image(image)
-    return arr
 
 
 def evaluate_against_truth(case: Any, result: FusionResult) -> Dict[str, Any]:

@@ -107,11 +107,7 @@ def _field_array(field: Field, grid: sitk.Image, role: str) -> np.ndarray:
         if field.GetNumberOfComponentsPerPixel() != 3 or field.GetDimension() != 3:
             raise InputImageError(f"the {role} must be a 3D, 3-component displacement field (LPS mm); it has "
                                   f"{field.GetNumberOfComponentsPerPixel()} component(s)")
-        same = (field.GetSize() == grid.GetSize()
-                and np.allclose(field.GetSpacing(), grid.GetSpacing(), atol=1e-4)
-                and np.allclose(field.GetOrigin(), grid.GetOrigin(), atol=1e-3)
-                and np.allclose(field.GetDirection(), grid.GetDirection(), atol=1e-5))
-        if not same:
+        if not geometry.on_same_grid(field, grid):
             raise GeometryError(f"the {role} (size {field.GetSize()}) is not on the reference grid (size "
                                 f"{grid.GetSize()}); express it there with geometry.transform_to_displacement()")
         return sitk.GetArrayViewFromImage(field)

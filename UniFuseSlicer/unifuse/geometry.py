@@ -33,6 +33,7 @@ __all__ = [
     "index_to_physical_matrix",
     "physical_center",
     "working_grid",
+    "on_same_grid",
     "overlap_fraction",
     "check_overlap",
     "initial_transform",
@@ -308,6 +309,16 @@ def warp_image(
 
 # --------------------------------------------------------------------------------------------------------
 # displacement fields
+
+
+def on_same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """Whether two images share one voxel grid up to what image files preserve (NIfTI keeps its geometry in
+    float32): equal sizes; spacings within 1e-4 mm, origins within 1e-3 mm, direction cosines within 1e-5
+    (absolute, on top of numpy's default relative 1e-5)."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
 
 
 def _check_same_grid(field: sitk.Image, grid: sitk.Image, tol: float = 1e-5) -> None:

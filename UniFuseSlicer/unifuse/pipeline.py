@@ -28,10 +28,6 @@ exceeds the budget; an out-of-memory error is retried at coarser spacings and, f
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,9 +22,9 @@ import torch
 
 from . import geometry
 from .errors import InputImageError
-from .guard import AlignmentGuard, Candidate
+from .guard import Candidate
 from .intensity import IntensityNormalization, foreground_mask, normalize_image
-from .io import read_image, validate_volume
+from .io import read_image
 from .working_grid import GridChoice, choose_working_grid, overlap_index_box
 
 __all__ = [

@@ -429,11 +429,7 @@ def _displacement_transform(field: sitk.Image, reference: sitk.Image) -> sitk.Tr
     after checking it lies on the reference grid."""
     if field.GetNumberOfComponentsPerPixel() != 3:
         raise RuntimeError(f"expected a 3-component displacement field; got {field.GetNumberOfComponentsPerPixel()}")
-    same = (field.GetSize() == reference.GetSize()
-            and np.allclose(field.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-            and np.allclose(field.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-            and np.allclose(field.GetDirection(), reference.GetDirection(), atol=1e-5))
-    if not same:
+    if not geometry.on_same_grid(field, reference):
         raise RuntimeError("the toolkit's displacement field is not on the reference grid")
     vec = sitk.Cast(field, sitk.sitkVectorFloat64)
     vec.CopyInformation(reference)

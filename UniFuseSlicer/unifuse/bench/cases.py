@@ -260,11 +260,7 @@ def _check_on_reference_grid(folder: Path, reference: sitk.Image, loaded: Dict[s
         img = loaded[attr]
         if img is None:
             continue
-        same = (img.GetSize() == reference.GetSize()
-                and np.allclose(img.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-                and np.allclose(img.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-                and np.allclose(img.GetDirection(), reference.GetDirection(), atol=1e-5))
-        if not same:
+        if not geometry.on_same_grid(img, reference):
             raise DatasetError(f"{folder}: {attr} is not on the reference grid (size {img.GetSize()} vs "
                                f"{reference.GetSize()}); resample it onto reference's grid")
     field = loaded["truth_displacement"]

@@ -42,6 +42,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import DatasetError
+from ..geometry import on_same_grid
 
 __all__ = [
     "SPLITS",
@@ -546,11 +547,7 @@ def _labels_on(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
     """Labels as uint8 on ``image``'s grid (resampled nearest-neighbour if their grid differs)."""
     if labels.GetNumberOfComponentsPerPixel() != 1:
         labels = sitk.VectorIndexSelectionCast(labels, 0)
-    same = (labels.GetSize() == image.GetSize()
-            and np.allclose(labels.GetOrigin(), image.GetOrigin(), atol=1e-3)
-            and np.allclose(labels.GetSpacing(), image.GetSpacing(), atol=1e-4)
-            and np.allclose(labels.GetDirection(), image.GetDirection(), atol=1e-5))
-    if not same:
+    if not on_same_grid(labels, image):
         labels = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     arr = sitk.GetArrayFromImage(labels)
     if arr.min() < 0 or arr.max() > 255:
