@@ -85,3 +85,21 @@ def test_newer_format_version_is_refused(tmp_path):
     checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n", encoding="utf-8")
     with pytest.raises(WeightsError, match="upgrade unifuse"):
         load_checkpoint(path)
+
+
+def test_shipped_weights_load_into_the_cpu_network():
+    from unifuse.config import cpu
+    from unifuse.model import build_model
+    from unifuse.weights import shipped_weights_path
+
+    path = shipped_weights_path()
+    assert path is not None, "the extension ships UniFuseSlicer/Resources/Models/unifuse_default.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt.config == cpu()
+    build_model(ckpt.config).load_state_dict(ckpt.state_dict)  # strict: every tensor matches
+
+
+def test_configs_of_old_checkpoints_drop_an_empty_extra_and_refuse_a_used_one():
+    assert ModelConfig.from_dict({**tiny().to_dict(), "extra": {}}) == tiny()
+    with pytest.raises(ValueError, match="extra"):
+        ModelConfig.from_dict({**tiny().to_dict(), "extra": {"key": 1}})

@@ -192,7 +192,6 @@ class CliProcess:
         self._exited_at: Optional[float] = None
         self._group_reaped = False
         self.cancelled = False
-        self.last_fraction = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -230,10 +229,6 @@ class CliProcess:
                 stream.close()
             except OSError:
                 pass
-
-    @property
-    def started(self) -> bool:
-        return self._process is not None
 
     @property
     def pid(self) -> Optional[int]:
@@ -294,7 +289,6 @@ class CliProcess:
                 return
             parsed = parse_progress_line(line) if stream == "stderr" else None
             if parsed is not None:
-                self.last_fraction = parsed[0]
                 if self.on_progress is not None:
                     self.on_progress(*parsed)
                 continue

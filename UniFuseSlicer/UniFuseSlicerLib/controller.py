@@ -129,7 +129,6 @@ class RunController:
         self.view = view or RunView()
         self.prepare = prepare
         self.last_nodes: Optional[FusionNodes] = None
-        self.last_outcome: Optional[RunOutcome] = None
         self._request: Optional[RunRequest] = None
         self._run: Optional[BackgroundFusion] = None
         self._in_process = False
@@ -315,7 +314,6 @@ class RunController:
 
     def _finish(self, outcome: RunOutcome) -> None:
         self._cancel_requested = False
-        self.last_outcome = outcome
         for warning in outcome.warnings:
             self.view.log("Warning: " + warning)
         self.view.run_ended(outcome)

@@ -27,7 +27,6 @@ __all__ = [
     "device_choices",
     "parse_probe_output",
     "PROBE_SCRIPT",
-    "torch_cuda_devices",
 ]
 
 
@@ -85,24 +84,6 @@ class GpuInfo:
     index: int
     name: str
     memory_gib: float
-
-
-def torch_cuda_devices() -> List[GpuInfo]:
-    """CUDA GPUs visible to PyTorch **in this process** (imports torch); empty without torch or CUDA.
-
-    The module never calls this in Slicer's process (see :class:`DeviceProbe`); the probe's child does.
-    """
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    devices = []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        devices.append(GpuInfo(index, str(props.name), props.total_memory / 2**30))
-    return devices
 
 
 def device_choices(gpus: Optional[Sequence[GpuInfo]] = None) -> List[Choice]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 #: Degradation classes of the DAPL classifier (index = class id). Ñ = 4.
@@ -74,7 +74,6 @@ class ModelConfig:
     integration_steps: int = 4
     fa_skips: bool = False
     degradation_stats: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def size_multiple(self) -> int:
@@ -89,11 +88,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Inverse of :meth:`to_dict`. Checkpoints written before the unused ``extra`` field was removed store
+        ``"extra": {}``; that empty key is dropped, a non-empty one refused (nothing here would read it)."""
+        d = dict(d)
+        if d.get("extra", None) == {}:
+            del d["extra"]
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}; this checkpoint needs a newer unifuse")
-        d = dict(d)
         if "unet_channels" in d:
             d["unet_channels"] = tuple(d["unet_channels"])
         return cls(**d)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-__all__ = ["Measurement", "measure", "memory_method", "current_rss_mb"]
+__all__ = ["Measurement", "measure", "memory_method"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -76,11 +76,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def current_rss_mb() -> float:
-    """Resident set size of this process now, MiB (``nan`` where ``/proc`` is not available)."""
-    return _status_mb("VmRSS")
 
 
 def memory_method() -> str:

@@ -31,7 +31,6 @@ __all__ = [
     "ALIGNMENT_COLUMNS",
     "summarize",
     "format_markdown",
-    "report_files",
     "write_reports",
     "json_safe",
 ]
@@ -518,13 +517,6 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
-
-
-def report_files(tasks: Sequence[str]) -> List[str]:
-    """Names of the files :func:`write_reports` writes for these tasks (for the overwrite check)."""
-    safe = [t.replace("/", "_") for t in tasks]
-    return [REPORT_MD, REPORT_JSON, "time_vs_quality.png", *[f"metrics_{t}.png" for t in safe],
-            *[f"examples_{t}.png" for t in safe]]
 
 
 def write_reports(results: Any, out_dir: Union[str, Path], overwrite: bool = False) -> Dict[str, Path]:

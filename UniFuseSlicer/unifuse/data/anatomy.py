@@ -94,11 +94,6 @@ class Tissues:
         return float(self.grid.GetSpacing()[0])
 
     @property
-    def shell(self) -> np.ndarray:
-        """Skull + scalp fraction (z, y, x)."""
-        return self.bone + self.scalp
-
-    @property
     def brain(self) -> np.ndarray:
         """Intracranial (CSF + GM + WM) fraction (z, y, x)."""
         return self.csf + self.gm + self.wm
