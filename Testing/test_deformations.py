@@ -46,6 +46,20 @@ def test_rotation_matrix_is_proper_and_composed_z_y_x():
     assert np.allclose(rz @ [1, 0, 0], [0, 1, 0], atol=1e-12)  # right-handed: x -> y about z
 
 
+def _rotation_matrix_before_scipy(rotation_deg):
+    """The hand-written R = Rz @ Ry @ Rx that scipy's Rotation replaced (the oracle of the convention)."""
+    ax, ay, az = np.deg2rad(np.asarray(rotation_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def test_rotation_matrix_keeps_the_hand_written_convention_on_random_angles():
+    for angles in np.random.default_rng(0).uniform(-180.0, 180.0, size=(200, 3)):
+        assert np.abs(rotation_matrix(angles) - _rotation_matrix_before_scipy(angles)).max() < 1e-12
+
+
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 1.1, 2.5)])
 def test_rigid_field_matches_simpleitk_euler_transform(spacing):
     rot, trans = (4.0, -7.0, 9.0), (3.0, -2.5, 6.0)

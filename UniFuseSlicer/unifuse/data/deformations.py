@@ -35,6 +35,7 @@ from typing import Sequence, Tuple, Union
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from .. import spatial
 from ..errors import InputImageError
@@ -139,6 +140,10 @@ def smooth_noise(
     Returns:
         float32 (channels, D, H, W), scaled so that the largest absolute value over all channels is 1
         (all zeros only if the lattice draw is constant, which has probability 0).
+
+    Kept rather than a SimpleITK B-spline field: the same seed must keep drawing the same training and
+    benchmark cases (the shipped weights and ``docs/benchmark.md`` were made with these), and a cubic
+    B-spline of the lattice draw is a different distribution (smoother, no Gaussian step).
     """
     shape = _check_shape(shape)
     c = int(control_points)
@@ -202,13 +207,9 @@ def random_smooth_displacement(
 
 
 def rotation_matrix(rotation_deg: Sequence[float]) -> np.ndarray:
-    """3x3 rotation ``R = Rz @ Ry @ Rx`` for angles (about x, about y, about z) in degrees (right-handed)."""
-    ax, ay, az = (math.radians(float(a)) for a in rotation_deg)
-    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """3x3 rotation ``R = Rz @ Ry @ Rx`` for angles (about x, about y, about z) in degrees (right-handed):
+    scipy's extrinsic ``"xyz"`` Euler convention."""
+    return Rotation.from_euler("xyz", [float(a) for a in rotation_deg], degrees=True).as_matrix()
 
 
 def _affine_voxel(shape: Sequence[int], rotation_deg: Sequence[float], translation_mm: Sequence[float],
@@ -255,6 +256,10 @@ def rigid_displacement(
 
     Returns:
         float32 (3, D, H, W) in voxels, channels (x, y, z).
+
+    Equals ``sitk.TransformToDisplacementField`` of the matching ``Euler3DTransform`` (the test's oracle);
+    kept because :func:`random_misalignment` needs the same map at off-grid points, which ITK does one point
+    per call.
     """
     shape = _check_shape(shape)
     m, centre, t_vox = _affine_voxel(shape, rotation_deg, translation_mm, _spacing_xyz(spacing_mm))
@@ -327,6 +332,11 @@ def invert_field(v: np.ndarray, iterations: int = 50, tolerance: float = 1e-4) -
 
     Returns:
         float32 (3, D, H, W) inverse field.
+
+    Kept rather than SimpleITK's inverters, measured on 48³ smooth and rigid + smooth fields (largest residual
+    :func:`inversion_residual` inside the grid, time): this 1e-5–3e-5 voxel in 0.1 s;
+    ``sitk.IterativeInverseDisplacementField`` 0.3–0.6 voxel in 1.1 s; ``sitk.InvertDisplacementField``
+    1.7–8.7 voxels in 0.5–0.8 s.
     """
     vt = _to_torch(_check_field(v, "v"))[None]
     base = spatial.identity_grid(vt.shape[2:])
