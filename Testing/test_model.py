@@ -396,6 +396,14 @@ def test_integrate_velocity_of_a_constant_field_is_a_translation():
     torch.testing.assert_close(u, v, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_integrate_velocity_equals_monai_dvf2ddf_with_channels_reversed(steps):
+    monai_blocks = pytest.importorskip("monai.networks.blocks")  # test extra: the oracle of scaling and squaring
+    v = 3.0 * torch.randn(2, 3, 9, 11, 13, generator=torch.Generator().manual_seed(0))
+    theirs = monai_blocks.DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")(v.flip(1)).flip(1)
+    torch.testing.assert_close(integrate_velocity(v, steps), theirs, atol=1e-4, rtol=0)
+
+
 def test_integrated_smooth_field_does_not_fold():
     gen = torch.Generator().manual_seed(0)
     v = F.interpolate(torch.randn(1, 3, 4, 4, 4, generator=gen) * 2.0, size=(16, 16, 16), mode="trilinear",

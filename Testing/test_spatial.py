@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from unifuse.spatial import compose, identity_grid, jacobian_determinant, resize_field, warp
@@ -103,3 +104,14 @@ def test_jacobian_matches_analytic_rotation():
     u[:, 0] = math.cos(t) * x - math.sin(t) * y - x
     u[:, 1] = math.sin(t) * x + math.cos(t) * y - y
     assert np.allclose(jacobian_determinant(u).numpy(), 1.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_warp_equals_monai_warp_with_channels_reversed(mode, padding_mode):
+    monai_blocks = pytest.importorskip("monai.networks.blocks")  # test extra: the oracle of our warp
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 2, 9, 11, 13, generator=gen)
+    u = 2.0 * torch.randn(2, 3, 9, 11, 13, generator=gen)
+    theirs = monai_blocks.Warp(mode=mode, padding_mode=padding_mode)(image, u.flip(1))
+    torch.testing.assert_close(warp(image, u, mode=mode, padding_mode=padding_mode), theirs, atol=1e-4, rtol=0)

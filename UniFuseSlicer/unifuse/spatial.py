@@ -68,6 +68,9 @@ def warp(
 
     Returns:
         (B, C, D, H, W) warped volume, same dtype as ``image``.
+
+    Equals ``monai.networks.blocks.Warp`` given ``u`` with its channels reversed (MONAI orders them (z, y, x));
+    kept so the extension needs no MONAI at run time (a test extra only; the test compares the two).
     """
     if image.dim() != 5 or u.dim() != 5 or u.shape[1] != 3:
         raise ValueError(f"warp expects image (B,C,D,H,W) and u (B,3,D,H,W); got {tuple(image.shape)}, {tuple(u.shape)}")

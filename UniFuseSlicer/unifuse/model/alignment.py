@@ -181,7 +181,9 @@ def integrate_velocity(velocity: torch.Tensor, steps: int) -> torch.Tensor:
     """Scaling and squaring: displacement of the time-1 flow of a stationary velocity (B, 3, D, H, W), voxels.
 
     ``u = v / 2^steps`` then ``steps`` times ``u <- u ∘ u`` (:func:`unifuse.spatial.compose`). Each
-    component stays bounded by max|v| of that component (|a + b∘(p + a)| ≤ |a| + |b|).
+    component stays bounded by max|v| of that component (|a + b∘(p + a)| ≤ |a| + |b|). Equals
+    ``monai.networks.blocks.DVF2DDF(steps, padding_mode="border")`` on channel-reversed fields; kept so inference
+    needs no MONAI (a test extra only; the test compares the two).
     """
     u = velocity / (2**steps)
     for _ in range(steps):
