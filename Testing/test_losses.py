@@ -87,6 +87,23 @@ def test_loss_smooth_known_values():
     assert float(losses.loss_smooth(u)) == pytest.approx(a * a / 9, rel=1e-12)
 
 
+def test_loss_smooth_relates_to_monai_diffusion_loss():
+    losses_monai = pytest.importorskip("monai.losses")  # test extra: MONAI's diffusion regulariser
+    u = torch.randn(2, 3, 7, 8, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    interior = 3.0 * torch.mean(losses.gradient3d(u)[..., 1:-1, 1:-1, 1:-1] ** 2)
+    assert float(losses_monai.DiffusionLoss()(u)) == pytest.approx(float(interior), rel=1e-12)
+
+
+def test_ssim3d_torch_equals_monai_ssim_metric():
+    metrics_monai = pytest.importorskip("monai.metrics")  # test extra: MONAI's SSIM (float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 2, 14, 15, 16, dtype=torch.float64, generator=gen)
+    y = (x + 0.2 * torch.rand(x.shape, dtype=torch.float64, generator=gen)).clamp(0, 1)
+    theirs = metrics_monai.SSIMMetric(spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=11,
+                                      kernel_sigma=1.5, k1=0.01, k2=0.03)(x, y).flatten().double()
+    torch.testing.assert_close(losses.ssim3d_torch(x, y), theirs, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ L_ce
 def test_loss_ce_matches_torch_cross_entropy():
     g = torch.Generator().manual_seed(4)

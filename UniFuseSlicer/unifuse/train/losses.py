@@ -99,6 +99,10 @@ def ssim3d_torch(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> t
 
     Returns:
         (B,) tensor: SSIM averaged over channels and valid voxels (1 for identical inputs).
+
+    Equals ``monai.metrics.SSIMMetric(3, gaussian, 11, 1.5)`` to 1e-6 (the test compares them) but is kept:
+    ``unifuse train`` must run without MONAI (a test extra), and MONAI computes in float32 and does not shrink
+    the window for volumes under 11 voxels.
     """
     _check_pair(x, y, ("x", "y"))
     b, c = x.shape[:2]
@@ -255,6 +259,8 @@ def loss_smooth(u: torch.Tensor) -> torch.Tensor:
 
     The mean runs over the batch, the 3 field components, the 3 derivative directions and all voxels, so a
     field with a single non-zero derivative ``∂u_x/∂x = a`` everywhere gives ``a² / 9``; constant fields give 0.
+    ``monai.losses.DiffusionLoss`` is 3× this mean over the interior only (it skips the faces, 18% of a 32³
+    grid), a different loss than the shipped weights were trained with; kept (the test relates the two).
     """
     _check_field(u, "u")
     return torch.mean(gradient3d(u) ** 2)
