@@ -201,6 +201,19 @@ def test_cosine_schedule_endpoints_and_warmup():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_cosine_schedule_is_the_curve_of_torch_linear_warmup_then_cosine_annealing():
+    lr, lr_min, total, warmup = 1e-3, 1e-6, 300, 20
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, end_factor=1.0, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=lr_min)], milestones=[warmup])
+    for step in range(total + 1):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr * cosine_lr_factor(step, total, warmup, lr, lr_min),
+                                                          rel=1e-12)
+        opt.step()
+        sched.step()
+
+
 def test_sampler_is_seeded_epoch_permutation_and_resumable():
     full = EpochPermutationSampler(5, seed=3)
     stream = [i for _, i in zip(range(23), iter(full))]
