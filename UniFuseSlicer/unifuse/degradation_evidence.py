@@ -49,7 +49,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .config import DEGRADATION_CLASSES
-from .intensity import looks_like_ct
+from .intensity import CT_AIR_FRACTION, CT_AIR_HU, looks_like_ct
 
 __all__ = [
     "FEATURES",
@@ -222,12 +222,12 @@ def _step_for(n_voxels: int, limit: int) -> int:
 
 def is_hu_volume(image: sitk.Image, array: np.ndarray) -> bool:
     """CT in HU (``array``: the image's voxels or a regular sub-sample of them): :func:`looks_like_ct`, or
-    (for float volumes, e.g. a resampled CT) at least 5 % of the voxels
-    below -500 with the 0.5th percentile in [-1100, -900] HU (the air peak)."""
+    (for float volumes, e.g. a resampled CT) at least :data:`~unifuse.intensity.CT_AIR_FRACTION` of the voxels
+    air with the 0.5th percentile in [-1100, -900] HU (the air peak)."""
     if looks_like_ct(image, array):
         return True
     flat = np.asarray(array, dtype=np.float32).ravel()
-    if flat.size == 0 or float(np.count_nonzero(flat < -500.0)) / flat.size < 0.05:
+    if flat.size == 0 or float(np.count_nonzero(flat < CT_AIR_HU)) / flat.size < CT_AIR_FRACTION:
         return False
     low = float(np.percentile(flat, 0.5))
     return -1100.0 <= low <= -900.0

@@ -41,9 +41,10 @@ __all__ = [
 DEFAULT_PERCENTILES: Tuple[float, float] = (0.5, 99.5)
 #: Hounsfield window mapped to [0, 1] for CT.
 DEFAULT_CT_WINDOW: Tuple[float, float] = (-1000.0, 2000.0)
-#: Minimum fraction of voxels below -500 for :func:`looks_like_ct`.
+#: CT voxels below this (HU) are air; above it, the body (one rule for CT detection and CT body masks).
+CT_AIR_HU: float = -500.0
+#: Minimum fraction of air voxels (< :data:`CT_AIR_HU`) for :func:`looks_like_ct`.
 CT_AIR_FRACTION: float = 0.05
-_CT_AIR_LEVEL = -500.0
 _INT16_RANGE = (-32768.0, 32767.0)
 _MODALITIES = ("auto", "mr", "ct", "pet")
 
@@ -111,7 +112,7 @@ def looks_like_ct(image: sitk.Image, array: Optional[np.ndarray] = None) -> bool
     a = np.asarray(a)
     if a.size == 0:
         return False
-    air = float(np.count_nonzero(a < _CT_AIR_LEVEL)) / a.size
+    air = float(np.count_nonzero(a < CT_AIR_HU)) / a.size
     if air < CT_AIR_FRACTION:
         return False
     if float(a.min()) < _INT16_RANGE[0] or float(a.max()) > _INT16_RANGE[1]:

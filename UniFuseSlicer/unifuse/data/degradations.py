@@ -20,14 +20,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import sparse
 
 from ..config import DEGRADATION_CLASSES
 from ..errors import InputImageError
-from .deformations import warp_rigid
+from ..intensity import CT_AIR_HU
+from .deformations import SpacingLike, _spacing_xyz, warp_rigid
 
 __all__ = [
     "DEGRADATIONS",
@@ -51,9 +52,6 @@ DEGRADATIONS: Tuple[str, ...] = tuple(DEGRADATION_CLASSES)
 #: Linear attenuation coefficient of water at the ~70 keV effective energy of a 120 kVp CT beam (1/mm).
 MU_WATER_PER_MM: float = 0.0192
 
-SpacingLike = Union[float, Sequence[float]]
-
-
 def degradation_id(name: str) -> int:
     """Class id of a degradation name (index in :data:`DEGRADATIONS`)."""
     try:
@@ -71,15 +69,6 @@ def _check_volume(volume: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(v)):
         raise InputImageError(f"{what}: the volume contains NaN or infinite values; clean it first")
     return v
-
-
-def _spacing_xyz(spacing_mm: SpacingLike) -> np.ndarray:
-    s = np.atleast_1d(np.asarray(spacing_mm, dtype=np.float64))
-    if s.size == 1:
-        s = np.repeat(s, 3)
-    if s.shape != (3,) or np.any(~np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError(f"spacing_mm must be a positive scalar or (x, y, z) triple in mm; got {spacing_mm!r}")
-    return s
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -446,7 +435,7 @@ def ct_metal(
     num_objects: Optional[int] = None,
     **params: Any,
 ) -> np.ndarray:
-    """CT metal artefacts + noise: :func:`random_metal_mask` inside the body (HU > −300, if no mask is
+    """CT metal artefacts + noise: :func:`random_metal_mask` inside the body (HU > ``CT_AIR_HU``, if no mask is
     given) then :func:`simulate_metal_artifacts` (extra keyword arguments are passed to it).
 
     Raises:
@@ -460,7 +449,7 @@ def ct_metal(
             "units — apply the degradation before intensity normalisation"
         )
     if metal_mask is None:
-        body = v > -300.0
+        body = v > CT_AIR_HU
         metal_mask = random_metal_mask(v.shape, rng, inside=body if body.any() else None,
                                        spacing_mm=spacing_mm, num_objects=num_objects)
     return simulate_metal_artifacts(v, metal_mask, rng, spacing_mm=spacing_mm, **params)

@@ -44,6 +44,7 @@ import torch
 from scipy import ndimage
 from scipy.interpolate import PchipInterpolator
 
+from ..intensity import CT_AIR_HU
 from .deformations import min_jacobian, random_smooth_displacement, rotation_matrix
 from .degradations import apply_degradation, ct_metal, mri_motion, pet_lowdose, random_metal_mask
 from .real_sources import CT_RANGE, body_mask
@@ -448,7 +449,7 @@ def degrade(name: str, volume: np.ndarray, spacing_mm: Sequence[float], split: s
         return mri_motion(volume, rng, spacing_mm=spacing, **p), p
     if name == "metal":
         count = int(rng.integers(ranges["num_objects"][0], ranges["num_objects"][1] + 1))
-        mask = random_metal_mask(volume.shape, rng, inside=volume > -300.0, spacing_mm=spacing,
+        mask = random_metal_mask(volume.shape, rng, inside=volume > CT_AIR_HU, spacing_mm=spacing,
                                  num_objects=count, radius_mm=tuple(ranges["radius_mm"]))
         p = {"num_objects": count, "radius_mm": list(ranges["radius_mm"]), "metal_voxels": int(mask.sum()),
              "metal_mu_per_mm": _log_uniform(rng, *ranges["metal_mu_per_mm"]),

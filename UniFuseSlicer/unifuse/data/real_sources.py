@@ -43,6 +43,7 @@ from scipy import ndimage
 
 from ..errors import DatasetError
 from ..geometry import on_same_grid
+from ..intensity import CT_AIR_HU
 
 __all__ = [
     "SPLITS",
@@ -586,11 +587,11 @@ def convert_subject(subject: RealSubject, files: Dict[str, Path]) -> Converted:
 
 
 def body_mask(array: np.ndarray, modality: str) -> np.ndarray:
-    """Bool (z, y, x) mask of the body: CT HU > -500, MR above 0.5 x Otsu (after a 1-voxel Gaussian); then the
+    """Bool (z, y, x) mask of the body: CT HU > ``CT_AIR_HU``, MR above 0.5 x Otsu (after a 1-voxel Gaussian); then the
     largest connected component, with holes (lungs, sinuses, dark CSF) filled slice by slice and in 3D."""
     a = np.asarray(array, dtype=np.float32)
     if modality == "ct":
-        fg = a > -500.0
+        fg = a > CT_AIR_HU
     else:
         smooth = ndimage.gaussian_filter(a, 1.0)
         otsu = sitk.OtsuThresholdImageFilter()
