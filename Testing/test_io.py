@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from unifuse import io as uio
-from unifuse.errors import InputImageError, OutputExistsError, UniFuseError
+from unifuse.errors import InputImageError, OutputExistsError, OutputLocationError, UniFuseError
 
 STUDY_UID = "1.2.826.0.1.3680043.2.1125.1.1"
 
@@ -226,11 +226,11 @@ def test_write_refuses_to_overwrite_unless_asked(tmp_path):
     before = sha256(path)
     with pytest.raises(OutputExistsError) as info:
         uio.write_image(volume(seed=2), path)
-    assert str(path) in str(info.value) and "overwrite" in str(info.value)
+    assert f"'{tmp_path}': {path.name};" in str(info.value) and "overwrite" in str(info.value)
     assert sha256(path) == before
     uio.write_image(volume(seed=2), path, overwrite=True)
     assert_same_image(uio.read_image(path), volume(seed=2))
-    with pytest.raises(OutputExistsError, match="folder"):
+    with pytest.raises(OutputLocationError, match="is a folder"):
         uio.write_image(volume(), tmp_path)
 
 

@@ -33,7 +33,8 @@ from typing import Any, Callable, List, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputImageError, OutputExistsError, UniFuseError
+from .errors import InputImageError, UniFuseError
+from .outputs import check_targets
 
 __all__ = [
     "MIN_SIZE",
@@ -534,16 +535,6 @@ def _image_extension(p: Path) -> str:
     )
 
 
-def _check_destination(p: Path, overwrite: bool) -> None:
-    if p.is_dir():
-        raise OutputExistsError(f"'{p}' is an existing folder; give a file name for the output")
-    if p.exists() and not overwrite:
-        raise OutputExistsError(
-            f"'{p}' already exists; choose another output path or allow overwriting (overwrite=True, CLI "
-            "--overwrite)"
-        )
-
-
 def default_file_mode() -> int:
     """Permissions a plain ``open(path, "w")`` would give (0o666 minus the umask).
 
@@ -563,10 +554,11 @@ def atomic_write(path: PathLike, overwrite: bool, suffix: str, write: Callable[[
     temporary file is removed; an OSError or RuntimeError becomes a :class:`UniFuseError` naming the path.
 
     Raises:
-        OutputExistsError: ``path`` is a folder, or it exists and ``overwrite`` is False.
+        OutputExistsError: ``path`` exists and ``overwrite`` is False; OutputLocationError: ``path`` is a
+        folder (the rule of :func:`unifuse.outputs.check_targets`).
     """
     p = Path(os.fspath(path)).expanduser()
-    _check_destination(p, overwrite)
+    check_targets(os.fspath(p.parent), p.parent, [p.name], overwrite, {})
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -602,7 +594,7 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
         The written path.
     """
     p = Path(os.fspath(path)).expanduser()
-    _check_destination(p, overwrite)
+    check_targets(os.fspath(p.parent), p.parent, [p.name], overwrite, {})  # before the extension check
     ext = _image_extension(p)
     compress = ext != ".nii"
     return atomic_write(p, overwrite, ext, lambda tmp: sitk.WriteImage(image, str(tmp), compress))

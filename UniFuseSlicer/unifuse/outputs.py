@@ -183,9 +183,10 @@ def _input_ids(inputs: Iterable[PathLike]) -> Dict[Tuple[int, int], str]:
     return ids
 
 
-def _check_targets(display: str, folder: Path, names: Sequence[str], overwrite: bool,
+def check_targets(display: str, folder: Path, names: Sequence[str], overwrite: bool,
                    inputs: Mapping[Tuple[int, int], str]) -> List[str]:
-    """Refuse output names taken by a folder, a non-file or an input; return the existing outputs."""
+    """Refuse output names taken by a folder, a non-file or an input, and existing outputs unless ``overwrite``;
+    return the existing outputs. The one "refuse existing outputs" rule (``unifuse.io``'s writers use it too)."""
     existing = []
     for name in names:
         target = folder / name
@@ -257,7 +258,7 @@ def _validate_location(display: str, folder: Path, names: Sequence[str], overwri
             f"cannot write into the output folder '{display}': '{anchor}' is not writable for you; choose a "
             "folder you can write to (--out)"
         )
-    return _check_targets(display, folder, names, overwrite, inputs)
+    return check_targets(display, folder, names, overwrite, inputs)
 
 
 def _make_folder(display: str, folder: Path) -> List[Path]:
@@ -579,7 +580,7 @@ class OutputClaim:
         for name in outputs:
             if not name or name in (".", "..") or "/" in name or os.sep in name:
                 raise ValueError(f"output names are plain file names; got {name!r}")
-        _check_targets(self._display(), self.path, list(outputs), overwrite, self.inputs)
+        check_targets(self._display(), self.path, list(outputs), overwrite, self.inputs)
         self.state = "writing"
         try:
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
@@ -721,7 +722,7 @@ def claim_output_dir(
     with _REGISTRY_LOCK, deferred_signals():
         for claim in _ACTIVE:
             if claim.path == path:  # the same process claims its own folder again (e.g. FusionResult.save)
-                _check_targets(os.fspath(folder), path, names, overwrite, {**claim.inputs, **ids})
+                check_targets(os.fspath(folder), path, names, overwrite, {**claim.inputs, **ids})
                 claim.depth += 1
                 claim.names.extend(n for n in names if n not in claim.names)
                 return claim
