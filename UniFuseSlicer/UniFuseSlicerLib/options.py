@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from unifuse.config import DEGRADATION_CLASSES
+from unifuse.config import DEGRADATION_CLASSES, DEGRADATION_LABELS
 
 __all__ = [
     "Choice",
@@ -38,14 +38,10 @@ class Choice:
     label: str
 
 
-#: Degradation of the moving volume; "auto" lets the network's classifier decide.
+#: Degradation of the moving volume; "auto" lets the network's classifier decide. Values and labels come from
+#: ``unifuse.config`` (the widget shows its own translated labels for the same values).
 DEGRADATION_CHOICES: Tuple[Choice, ...] = (
-    Choice("auto", "Automatic (detect)"),
-    Choice("none", "None (clean moving volume)"),
-    Choice("motion", "MRI motion artifacts"),
-    Choice("metal", "CT metal artifacts + noise"),
-    Choice("lowdose", "Low-dose PET noise"),
-)
+    Choice("auto", "Automatic (detect)"), *(Choice(c, DEGRADATION_LABELS[c]) for c in DEGRADATION_CLASSES))
 
 #: What the slice views show on top of the reference after a run (roles of ``logic.FusionNodes``).
 OVERLAY_CHOICES: Tuple[Choice, ...] = (
@@ -59,10 +55,7 @@ OVERLAY_CHOICES: Tuple[Choice, ...] = (
 
 def degradation_values() -> List[str]:
     """Values of :data:`DEGRADATION_CHOICES`: ``"auto"`` followed by the core's degradation classes."""
-    values = [c.value for c in DEGRADATION_CHOICES]
-    if values[1:] != list(DEGRADATION_CLASSES):
-        raise RuntimeError(f"degradation choices {values} are out of sync with unifuse.config {DEGRADATION_CLASSES}")
-    return values
+    return [c.value for c in DEGRADATION_CHOICES]
 
 
 
