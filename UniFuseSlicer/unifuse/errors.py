@@ -13,7 +13,8 @@ class UniFuseError(Exception):
 
 
 class InputImageError(UniFuseError, ValueError):
-    """An input volume cannot be used (unreadable, wrong dimension, empty, non-finite, ...)."""
+    """An input volume cannot be used (unreadable, wrong dimension, empty, non-finite, ...): a problem with the
+    user's data. A programming error (arguments no user input can produce) raises a plain ``ValueError``."""
 
 
 class GeometryError(UniFuseError, ValueError):

@@ -245,14 +245,14 @@ def endpoint_error(displacement: Field, truth: Field, mask: Optional[np.ndarray]
     if grid is None:
         grid = truth if isinstance(truth, sitk.Image) else displacement
         if not isinstance(grid, sitk.Image):
-            raise InputImageError("endpoint_error needs grid= when both fields are arrays")
+            raise ValueError("endpoint_error needs grid= when both fields are arrays")
     u = _field_array(displacement, grid, "displacement field")
     t = _field_array(truth, grid, "true displacement field")
     shape = u.shape[:3]
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != shape:
-            raise InputImageError(f"the evaluation mask has shape {mask.shape}; the fields have {shape}")
+            raise ValueError(f"the evaluation mask has shape {mask.shape}; the fields have {shape}")
         if not mask.any():
             raise InputImageError("the evaluation mask selects no voxel; pass a mask with at least one voxel")
     values = []
@@ -317,7 +317,7 @@ def folding_percent(displacement: Field, reference: Optional[sitk.Image] = None,
     if jacobian is None:
         grid = displacement if isinstance(displacement, sitk.Image) else reference
         if grid is None:
-            raise InputImageError("folding_percent needs reference= for an array field")
+            raise ValueError("folding_percent needs reference= for an array field")
         jacobian = error_maps.jacobian_determinant_image(_field_image(displacement, grid, "displacement field"))
     return metrics.folding_percent(sitk.GetArrayViewFromImage(jacobian))
 
