@@ -47,6 +47,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import ModelConfig
+from .procfs import proc_bytes
 
 __all__ = [
     "GiB",
@@ -107,17 +108,6 @@ def format_bytes(n: float) -> str:
 # free memory
 
 
-def _linux_mem_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _windows_mem_available() -> Optional[int]:
     import ctypes
 
@@ -144,7 +134,7 @@ def _ram_available() -> int:
         return int(psutil.virtual_memory().available)
     except ImportError:
         pass
-    value = _linux_mem_available()
+    value = proc_bytes("/proc/meminfo", "MemAvailable")
     if value is None and sys.platform == "win32":
         value = _windows_mem_available()
     if value is None:  # e.g. macOS without psutil: assume half of the physical memory is usable
@@ -282,20 +272,16 @@ _MEASURE_SCRIPT = r"""
 import json, sys, torch
 from unifuse.config import ModelConfig
 from unifuse.model import build_model
-def status(key):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
+from unifuse.procfs import proc_bytes
 cfg = ModelConfig.from_dict(json.loads(sys.argv[1])); s = int(sys.argv[2]); torch.set_num_threads(int(sys.argv[3]))
 model = build_model(cfg).eval()
 x, y = torch.rand(1, 1, s, s, s), torch.rand(1, 1, s, s, s)
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")
-before = status("VmRSS:")
+before = proc_bytes("/proc/self/status", "VmRSS")
 with torch.inference_mode():
     model(x, y)
-print(status("VmHWM:") - before)
+print(proc_bytes("/proc/self/status", "VmHWM") - before)
 """
 
 

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from ..procfs import proc_bytes
+
 __all__ = ["Measurement", "measure", "memory_method"]
 
-_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -50,13 +51,8 @@ class Measurement:
 
 def _status_mb(key: str) -> float:
     """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``, ``VmHWM``) in MiB, ``nan`` if unavailable."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return math.nan
+    value = proc_bytes("/proc/self/status", key)
+    return math.nan if value is None else value / 2**20
 
 
 def _trim_heap() -> bool:

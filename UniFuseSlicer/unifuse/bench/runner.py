@@ -40,6 +40,7 @@ import SimpleITK as sitk
 from .. import __version__
 from ..errors import UniFuseError
 from ..options import FuseOptions
+from ..procfs import cpu_model, proc_bytes
 from ..evaluation import MASK_RULE, EvaluationCase, as_evaluation_case, evaluate_alignment, evaluate_fusion
 from ..evaluation import reduction_percent
 from ..metrics import FUSION_METRIC_KEYS
@@ -213,27 +214,13 @@ def machine_description() -> Dict[str, Any]:
     """CPU model, core count, RAM, OS, Python/torch/SimpleITK versions and the GPU (if any)."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gb = math.nan
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gb = float(line.split()[1]) / 2**20
-    except OSError:
-        pass
+    ram = proc_bytes("/proc/meminfo", "MemTotal")
     gpu = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
     return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "ram_gib": round(ram_gb, 1), "gpu": gpu,
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "ram_gib": round(ram / 2**30, 1) if ram else math.nan, "gpu": gpu,
         "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "simpleitk": sitk.Version_VersionString(), "unifuse": __version__,
     }

@@ -241,7 +241,8 @@ def evaluate_checkpoint(
     from ..model import build_model
     from ..pipeline import device_description, resolve_device
     from ..weights import load_checkpoint
-    from .trainer import cpu_model_name, make_dataset
+    from ..procfs import cpu_model
+    from .trainer import make_dataset
 
     ckpt = load_checkpoint(weights)
     dev = resolve_device(device)
@@ -271,7 +272,7 @@ def evaluate_checkpoint(
     }
     report["targets"] = check_targets(report)
     report["environment"] = {
-        "device": device_description(dev), "cpu": cpu_model_name(), "torch": str(torch.__version__),
+        "device": device_description(dev), "cpu": cpu_model(), "torch": str(torch.__version__),
         "python": platform.python_version(), "unifuse": __version__,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

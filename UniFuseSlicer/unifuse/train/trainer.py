@@ -45,7 +45,6 @@ import csv
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -60,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UniFuseError
 from ..io import atomic_write
+from ..procfs import cpu_model
 from ..spatial import jacobian_determinant, warp
 from ..weights import save_checkpoint
 from .configs import TrainConfig
@@ -81,7 +81,6 @@ __all__ = [
     "describe_source_checkpoint",
     "he_conv_init",
     "parameter_groups",
-    "cpu_model_name",
     "make_dataset",
 ]
 
@@ -125,18 +124,6 @@ def cosine_lr_factor(step: int, total: int, warmup: int, lr: float, lr_min: floa
     span = max(total - warmup, 1)
     t = min(max(step - warmup, 0), span) / span
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def cpu_model_name() -> str:
-    """CPU model string for reports (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def describe_source_checkpoint(ckpt: Any) -> Dict[str, Any]:
@@ -788,7 +775,7 @@ class Trainer:
             "training_data": describe_training_data(cfg, self.train_base, self.val_set),
             "compute": {
                 "device": str(self.device),
-                "cpu": cpu_model_name(),
+                "cpu": cpu_model(),
                 "cpu_threads": torch.get_num_threads(),
                 "cuda_device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                 "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
@@ -866,7 +853,7 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "wall_time_s": round(elapsed(), 1),
             "device": str(self.device),
-            "cpu": cpu_model_name(),
+            "cpu": cpu_model(),
             "cpu_threads": torch.get_num_threads(),
             "distributed": self.dist.describe(),
         }
