@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
@@ -243,6 +244,18 @@ def test_dice_of_two_overlapping_boxes_is_the_exact_fraction():
     assert math.isnan(d3[3]) and d3["mean"] == pytest.approx(800 / 1800)
     with pytest.raises(InputImageError, match="integer labels"):
         metrics.dice(a.astype(float), b)
+
+
+def test_dice_matches_simpleitk_label_overlap_on_random_labels():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 12, (14, 15, 16))
+    b = np.where(rng.random(a.shape) < 0.7, a, rng.integers(0, 12, a.shape))
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(sitk.GetImageFromArray(a), sitk.GetImageFromArray(b))
+    d = metrics.dice(a, b)
+    assert sorted(k for k in d if k != "mean") == list(range(1, 12))
+    for lab in range(1, 12):
+        assert d[lab] == pytest.approx(overlap.GetDiceCoefficient(lab), abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------- folding

@@ -475,6 +475,10 @@ def dice(
     Returns:
         ``{label: dice, ..., "mean": mean over labels}``. A requested label absent from both volumes gets
         ``nan`` and is left out of the mean.
+
+    Kept rather than SimpleITK's ``LabelOverlapMeasuresImageFilter`` (the test's oracle): that one is not exact
+    (an exact 0.75 comes out 0.7499999999999999) and warns on labels absent from both volumes; its one-pass speed-up
+    (8× at 40 labels on 96³) does not matter for the few labels of an evaluation.
     """
     a = _to_numpy(labels_a)
     b = _to_numpy(labels_b)
