@@ -7,6 +7,7 @@ The Slicer module folder ``UniFuseSlicer/`` goes on ``sys.path`` so the MRML glu
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,3 +30,25 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+_OFFSCREEN_PROBE = """
+import os
+if not os.environ.get("DISPLAY") and "VTK_DEFAULT_OPENGL_WINDOW" not in os.environ:
+    os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"  # as UniFuseSlicerLib.rendering does
+import vtk
+window = vtk.vtkRenderWindow()
+window.SetOffScreenRendering(1)
+print("ok" if window.SupportsOpenGL() else "no OpenGL context")
+"""
+
+
+@pytest.fixture(scope="session")
+def offscreen_rendering():
+    """Skip when this machine cannot make an offscreen OpenGL context (no GPU/EGL/OSMesa), checked once up front
+    in a child process (a failed context can abort the interpreter). Any failure of the code under test once
+    the context exists is a failure, not a skip."""
+    probe = subprocess.run([sys.executable, "-c", _OFFSCREEN_PROBE], capture_output=True, text=True, timeout=120)
+    answer = probe.stdout.strip().splitlines()[-1:] or [probe.stderr.strip()[-300:] or f"exit code {probe.returncode}"]
+    if probe.returncode != 0 or answer[0] != "ok":
+        pytest.skip(f"offscreen rendering is not available here: {answer[0]}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,9 @@ def test_quick_bench_writes_tables_json_and_figures(tmp_path: Path, capsys: pyte
     methods = ["unifuse", "none", "sitk-rigid", "sitk-bspline", "truth"]
     args = _parse("--quick", "--config", "tiny", "--threads", "1", "--tasks", "t1-t2-motion", "--out", str(out),
                   "--methods", *methods)
+    started = time.perf_counter()
     assert run_bench(args) == 0
+    elapsed = time.perf_counter() - started
     printed = capsys.readouterr().out
     assert "UNTRAINED" in printed  # an untrained network is flagged in the output
 
@@ -70,9 +73,10 @@ def test_quick_bench_writes_tables_json_and_figures(tmp_path: Path, capsys: pyte
     for row in data["fusion"]:
         assert set(row["metrics"]) == set(FUSION_KEYS)
         assert row["metrics"]["q_vif"] is None  # 32³ < 41 voxels: undefined, written as null
-        assert row["seconds"] >= 0 and "rss_increase_mb" in row
+        assert 0 < row["seconds"] < elapsed and "rss_increase_mb" in row  # measured, within the run
     for row in data["alignment"]:
         assert set(row["metrics"]) == set(ALIGNMENT_KEYS)
+        assert 0 < row["seconds"] < elapsed
         assert set(row["dice_per_label"]) == {"1", "2", "3", "4", "5"}  # JSON keys of the tissue labels
     by_method = {r["method"]: r["metrics"] for r in data["alignment"]}
     assert by_method["truth"]["epe_mm"] == pytest.approx(0.0, abs=1e-6)
@@ -372,7 +376,8 @@ def test_measure_sees_an_allocation() -> None:
     with measure() as m:
         block = np.ones(40 * 2**20 // 8)  # 40 MiB
         del block
-    assert m.seconds >= 0
+        time.sleep(0.2)
+    assert 0.2 <= m.seconds < 2.0
     assert 35 <= m.rss_increase_mb < 200
 
 
@@ -388,7 +393,12 @@ def test_speed_mode_times_every_stage_and_skips_with_a_reason() -> None:
         assert r.timings_s["total"] >= r.timings_s["network"] > 0 and r.timings_s["affine"] > 0
     assert rows[1].voxels > rows[0].voxels  # the finer spacing has the larger working grid
     assert rows[1].working_spacing_mm == pytest.approx(9.0, rel=0.05)
-    assert rows[3].max_diff_fused is not None and rows[3].max_diff_displacement_mm is not None
+    # bf16 vs fp32 at the same spacing (fp32 rows are the reference): bf16 keeps ~3 significant digits, so the
+    # fused outputs differ, but little (measured: ~1e-3); the untrained tiny network's field stays (nearly) the
+    # same (0 to 5e-6 mm)
+    assert rows[0].max_diff_fused is None and rows[1].max_diff_displacement_mm is None
+    for r in rows[2:]:
+        assert 0 < r.max_diff_fused < 1e-2 and 0 <= r.max_diff_displacement_mm < 1e-4
     assert meta["model"]["trained"] is False
     table = format_speed_table(rows)
     assert "| 12 |" in table and "bf16" in table and "refine (s)" in table

@@ -70,9 +70,14 @@ def test_flops_scale_with_the_volume():
 
 
 def test_paper_config_at_256_is_counted_without_allocating():
-    report = flop_report(paper(), 256)
-    assert report.total > 1e12  # trillions of FLOPs, counted on the meta device
+    cfg, s = paper(), 256
+    report = flop_report(cfg, s)  # counted on the meta device: 256³ at paper widths would not fit in memory
+    c = cfg.enc_channels
+    assert report.per_module["encoder"] == 2 * 2 * 27 * (1 * c + c * c) * s**3  # the hand count, as at 16³
     assert set(report.per_module) == set(MODULES)
+    assert sum(report.per_module.values()) == report.total == report.counted + report.scan
+    # every selective scan runs over the (S / patch)³ tokens: its work grows exactly with S³
+    assert report.scan == 8 * flop_report(cfg, s // 2).scan
 
 
 def test_bad_size_raises():

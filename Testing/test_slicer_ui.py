@@ -5,7 +5,6 @@ the module description, the packaging list in UniFuseSlicer/CMakeLists.txt and t
 from __future__ import annotations
 
 import ast
-import importlib
 import re
 import shutil
 import subprocess
@@ -140,21 +139,6 @@ def test_module_classes_follow_the_scripted_module_template(module_ast):
     help_text = ast.unparse(assignments["self.parent.helpText"])
     assert "CITATION" in help_text and "UniFuseSlicerLogic().process" in help_text
     assert "acknowledgementText" in "".join(assignments)
-
-
-def test_citation_names_the_paper(module_ast):
-    citation = next(ast.literal_eval(n.value) for n in module_ast.body
-                    if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "CITATION")
-    for word in ("Su", "UniFuse", "2025", "Degradations and Misalignments"):
-        assert word in citation
-
-
-def test_names_imported_from_the_library_exist(module_ast):
-    for node in module_ast.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("UniFuseSlicerLib"):
-            library = importlib.import_module(node.module)
-            for alias in node.names:
-                assert hasattr(library, alias.name), f"{node.module} has no {alias.name}"
 
 
 def _git_source_files() -> set:
