@@ -1,7 +1,8 @@
 """Test doubles with the interface the pipeline uses of :class:`unifuse.model.UniFuse`.
 
-``analyse`` -> ``resolve_degradation`` -> ``predict_field`` -> ``restore_and_fuse``; fields are pull-back,
-working-grid voxels, channels (x, y, z), shape (1, 3, D, H, W).
+``analyse`` -> ``resolve_degradation`` -> ``predict_field`` -> ``token_maps`` -> (native fusion)
+``fusion_guidance`` / ``fuse_patch``; fields are pull-back, working-grid voxels, channels (x, y, z), shape
+(1, 3, D, H, W).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Callable, Optional
 
 import torch
 
-from unifuse.spatial import warp
 
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -21,7 +21,7 @@ def zero_field(fixed: torch.Tensor) -> torch.Tensor:
 
 
 class FieldNet(torch.nn.Module):
-    """Returns ``field_fn(fixed)`` as its field, averages reference and warped moving as its fusion, and records
+    """Returns ``field_fn(fixed)`` as its field, averages reference and aligned moving as its fusion, and records
     what it saw (``seen``: inputs, degradation; ``grids``: every working-grid shape it ran on).
 
     Args:
@@ -45,7 +45,7 @@ class FieldNet(torch.nn.Module):
         if self.oom_above is not None and reference.numel() > self.oom_above:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {reference.numel() * 4096} bytes")
         self.seen = {"reference": reference.clone(), "moving": moving.clone()}
-        return SimpleNamespace(reference=reference, moving=moving, dapl=SimpleNamespace(probs=self.p.clone()))
+        return SimpleNamespace(reference=reference, moving=moving, dapl=SimpleNamespace(probs=self.p.clone(), prompt=None))
 
     def resolve_degradation(self, degradation, probs):
         self.seen["degradation"] = degradation
@@ -56,6 +56,14 @@ class FieldNet(torch.nn.Module):
     def predict_field(self, a: SimpleNamespace, p: torch.Tensor) -> torch.Tensor:
         return self.field_fn(a.reference).to(a.reference)
 
-    def restore_and_fuse(self, a: SimpleNamespace, u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    fusion_multiple = 1
+
+    def token_maps(self, a: SimpleNamespace, u: torch.Tensor) -> torch.Tensor:
         self.fused_with = u.clone()
-        return (a.reference + warp(a.moving, u)) / 2
+        return torch.zeros(1, 1, 1, 1, 1, device=u.device)
+
+    def fusion_guidance(self, prompt, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def fuse_patch(self, reference, aligned, tokens, guidance, p) -> torch.Tensor:
+        return (reference + aligned) / 2

@@ -208,8 +208,8 @@ def test_untrained_network_runs_every_stage_end_to_end_and_says_so(tmp_path):
     assert any("UNTRAINED" in w for w in report["warnings"])
     assert report["device"].startswith("cpu")
     names = [s["name"] for s in report["stages"]]
-    assert names == ["read", "degradation_evidence", "load_model", "header", "affine", "working_grid", "network", "refine", "fusion",
-                     "warp", "maps"]
+    assert names == ["read", "degradation_evidence", "load_model", "header", "affine", "working_grid", "network", "refine", "warp",
+                     "fusion", "maps"]
     assert set(report["timings_s"]) == {*names, "total"}
     for name in ("affine", "network", "refine"):
         stage = report["alignment"]["stages"][name]
@@ -241,6 +241,27 @@ def test_unavailable_cuda_and_bad_spacing_are_clear_errors():
     for bad in (0, -1.0, 1e5, float("nan")):
         with pytest.raises(UniFuseError, match="spacing"):
             fuse(reference, reference, device="cpu", config="tiny", spacing_mm=bad)
+
+
+def test_fusion_runs_on_the_reference_grid_or_at_the_cap():
+    reference = _image(**REF_GEOM, fn=_blobs)
+    moving = _image(**MOV_GEOM, fn=_blobs)
+    net = FieldNet()
+    result = fuse(reference, moving, device="cpu", model=_loaded(net), map_back=False, **GEOMETRY_ONLY)
+    details = next(s for s in result.report["stages"] if s["name"] == "fusion")["details"]
+    assert details["grid_size"] == list(reference.GetSize())
+    # the double fuses by averaging: on the reference grid that is exactly (reference + aligned) / 2 in [0, 1]
+    norm_r = stages.normalization(reference, "r")[0]
+    norm_m = stages.normalization(moving, "m")[0]
+    expected = (norm_r.apply(sitk.GetArrayFromImage(reference)) + norm_m.apply(sitk.GetArrayFromImage(result.aligned))) / 2
+    assert np.abs(sitk.GetArrayFromImage(result.fused) - expected).max() < 1e-5
+    capped = fuse(reference, moving, device="cpu", model=_loaded(FieldNet()), fusion_spacing_mm=3.0, **GEOMETRY_ONLY)
+    details = next(s for s in capped.report["stages"] if s["name"] == "fusion")["details"]
+    assert min(details["grid_spacing_mm"]) >= 3.0 - 1e-6 and details["grid_size"] != list(reference.GetSize())
+    assert capped.fused.GetSize() == reference.GetSize() and capped.fused.GetSpacing() == reference.GetSpacing()
+    for bad in (0, 0.1, float("inf"), True):
+        with pytest.raises(UniFuseError, match="fusion spacing"):
+            fuse(reference, reference, device="cpu", config="tiny", fusion_spacing_mm=bad)
 
 
 def test_spacing_finer_than_the_reference_is_raised_to_it_and_said():

@@ -320,11 +320,12 @@ def test_adding_a_broken_result_rolls_back_every_created_node():
 
 def test_cli_command_and_environment(tmp_path):
     options = FuseOptions(degradation="metal", device="cuda", weights="w.pt", spacing_mm=2.5, config="tiny",
-                          refine="full", network=False)
+                          refine="full", network=False, fusion_spacing_mm=1.0)
     command = logic.build_cli_command("r.nrrd", "m.nrrd", tmp_path, options, overwrite=True, python="py")
     assert command == ["py", "-m", "unifuse.cli", "fuse", "--reference", "r.nrrd", "--moving", "m.nrrd",
                        "--out", str(tmp_path), "--degradation", "metal", "--device", "cuda", "--weights", "w.pt",
-                       "--config", "tiny", "--spacing", "2.5", "--no-network", "--refine", "full", "--overwrite",
+                       "--config", "tiny", "--spacing", "2.5", "--no-network", "--refine", "full",
+                       "--fusion-spacing", "1.0", "--overwrite",
                        "--machine-progress"]
     # the CLI reads back exactly these options
     from unifuse.cli import build_parser

@@ -69,6 +69,9 @@ class FuseOptions:
             stage's result is used and the report says so). Off only for experiments.
         reference_mask, moving_mask: optional masks (file path or image; non-zero = inside) restricting
             every alignment stage's similarity to that region.
+        fusion_spacing_mm: the fusion runs on the reference grid (None, the default) or, when the reference
+            is finer than this (mm), on the same box at this spacing (then resampled onto the reference grid),
+            to bound time on very fine volumes. Never coarser than the reference.
         map_back: fused volume in the reference's intensity units (else [0, 1]).
         seed: seed of an untrained network's initialisation and of the stochastic optimisers.
     """
@@ -85,6 +88,7 @@ class FuseOptions:
     guard: bool = True
     reference_mask: MaskLike = None
     moving_mask: MaskLike = None
+    fusion_spacing_mm: Optional[float] = None
     map_back: bool = True
     seed: int = 0
 
@@ -96,14 +100,8 @@ class FuseOptions:
         _choice("refine", self.refine, REFINE_MODES)
         if self.config is not None:
             _choice("config", self.config, tuple(sorted(CONFIGS)))
-        if self.spacing_mm is not None:
-            s = self.spacing_mm
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) \
-                    or not MIN_SPACING_MM <= s <= MAX_SPACING_MM:
-                raise UniFuseError(
-                    f"working-grid spacing {s!r} mm is outside {MIN_SPACING_MM}–{MAX_SPACING_MM} mm; choose e.g. "
-                    f"--spacing {DEFAULT_SPACING_MM} (or leave it out for the default)"
-                )
+        _spacing("working-grid spacing", self.spacing_mm, f"--spacing {DEFAULT_SPACING_MM} (or leave it out for the default)")
+        _spacing("fusion spacing", self.fusion_spacing_mm, "--fusion-spacing 1 (or leave it out to fuse on the reference grid)")
         if self.weights is not None:
             object.__setattr__(self, "weights", str(self.weights))
 
@@ -161,6 +159,13 @@ class FuseOptions:
         return cls(**values)
 
 
+def _spacing(name: str, value: Any, example: str) -> None:
+    """None, or a finite number of mm within [MIN_SPACING_MM, MAX_SPACING_MM] (else UniFuseError naming ``example``)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                              or not MIN_SPACING_MM <= value <= MAX_SPACING_MM):
+        raise UniFuseError(f"{name} {value!r} mm is outside {MIN_SPACING_MM}–{MAX_SPACING_MM} mm; choose e.g. {example}")
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise UniFuseError(f"unknown {name} {value!r}; use one of {', '.join(map(str, allowed))}")
@@ -188,5 +193,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
                         "non-rigid deformations, see docs/benchmark.md)")
     p.add_argument("--no-guard", dest="guard", action="store_false", default=None,
                    help="keep every stage even when the alignment score says it made things worse (experiments)")
+    p.add_argument("--fusion-spacing", dest="fusion_spacing_mm", type=float, metavar="MM",
+                   help="fuse at no finer than MM millimetres, then resample onto the reference grid (default: "
+                        f"fuse on the reference grid; {MIN_SPACING_MM}–{MAX_SPACING_MM})")
     p.add_argument("--reference-mask", type=Path, help="mask of the reference (non-zero = use); restricts alignment")
     p.add_argument("--moving-mask", type=Path, help="mask of the moving volume (non-zero = use); restricts alignment")

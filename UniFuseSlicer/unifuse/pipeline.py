@@ -13,11 +13,12 @@
    global transform; guarded.
 7. ``refine``: instance refinement of the field (MIND-SSC, diffeomorphic; :mod:`unifuse.registration.refine`);
    guarded.
-8. ``fusion``: UFR&F with the FINAL field (whatever stages were kept) on the working grid.
-9. ``warp``: compose ``x -> T_global(x + u(x))`` and resample the ORIGINAL moving data once onto the
+8. ``warp``: compose ``x -> T_global(x + u(x))`` and resample the ORIGINAL moving data once onto the
    reference grid; the composed map as one displacement field ``U`` (``aligned(x) = moving(x + U(x))``).
-10. ``maps``: fused volume on the reference grid (reference units by default), Jacobian determinant of
-    ``x -> x + U(x)``, alignment-error maps before (header) / after.
+9. ``fusion``: UFR&F at the reference's own resolution (:mod:`unifuse.native_fusion`): the reference and the
+   aligned moving volume in blended patches, conditioned on the working grid's prompt, class weights and
+   token maps of the FINAL field (whatever stages were kept); reference units by default.
+10. ``maps``: Jacobian determinant of ``x -> x + U(x)``, alignment-error maps before (header) / after.
 
 Guard (:mod:`unifuse.guard`): each alignment stage is kept only if the ground-truth-free MIND-SSC score
 improves on the result before it; when nothing improved on the header geometry the report carries a warning.
@@ -391,7 +392,9 @@ class DeformableOutcome:
             physical evidence of the moving volume with the network's probabilities when it is trained).
         p_used: (Ñ,) the class weights the prompts and ALSN mixed with (the calibrated probabilities for
             ``degradation="auto"``, else one-hot).
-        fused: (D, H, W) fused volume on the working grid, [0, 1].
+        token_maps: (1, 2M, T_z, T_y, T_x) unified token maps of the aligned pair (:meth:`UniFuse.token_maps`
+            with the final field), on the working grid's token lattice; prompt: (1, Ñ, L, M) P̂; p: (1, Ñ)
+            the same class weights as ``p_used`` — what the native-resolution fusion needs.
         folding_working: fraction of working-grid voxels with det J <= 0 of the final field.
         device: where the network ran.
     """
@@ -402,7 +405,9 @@ class DeformableOutcome:
     probs: np.ndarray
     decision: Any
     p_used: np.ndarray
-    fused: np.ndarray
+    token_maps: Any
+    prompt: Any
+    p: Any
     folding_working: float
     device: Any
 
@@ -484,17 +489,41 @@ def _deformable_stages(
             if keep:
                 current, u = proposed, result.field
 
-    with run.stage("fusion", 0.65, "restoring and fusing"), torch.inference_mode():
+    with torch.inference_mode():
         u_final = u if u is not None else torch.zeros((1, 3, *work.fixed.shape[2:]), device=device)
-        fused = loaded.model.restore_and_fuse(analysis, u_final, p)
+        token_maps = loaded.model.token_maps(analysis, u_final)
         folding = float((jacobian_determinant(u_final.float()) <= 0).float().mean().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return DeformableOutcome(
         work=work, global_stage=kept_global, u=None if u is None else u.detach().float().cpu(),
         probs=network_probs, decision=decision, p_used=p[0].float().cpu().numpy(),
-        fused=fused[0, 0].float().cpu().numpy(), folding_working=folding, device=device,
+        token_maps=token_maps, prompt=analysis.dapl.prompt, p=p, folding_working=folding, device=device,
     )
+
+
+def _native_fusion(run: _Run, loaded: LoadedModel, ref_img: sitk.Image, aligned: sitk.Image,
+                   outcome: DeformableOutcome, opts: FuseOptions) -> Tuple[np.ndarray, sitk.Image, str]:
+    """UFR&F on the reference grid (or the ``fusion_spacing_mm`` cap) in blended patches
+    (:mod:`unifuse.native_fusion`); returns the fused volume in [0, 1], the grid it is on and the precision."""
+    from . import geometry
+    from .native_fusion import fast_precision, fuse_native, fusion_grid, index_to_index_affine
+
+    work = outcome.work
+    grid = fusion_grid(ref_img, opts.fusion_spacing_mm or 0.0)
+    on_reference = grid is ref_img
+    ref_g = ref_img if on_reference else geometry.resample(ref_img, grid, default=work.ref_norm.low)
+    mov_g = aligned if on_reference else geometry.resample(aligned, grid, default=work.mov_norm.low)
+    q = loaded.config.patch_size
+    to_working = index_to_index_affine(grid, work.grid)
+    to_token = np.concatenate([to_working[:, :3], to_working[:, 3:] - (q - 1) / 2.0], axis=1) / q
+    precision = fast_precision(outcome.device)
+    fused = fuse_native(
+        loaded.model, work.ref_norm.apply(sitk.GetArrayViewFromImage(ref_g)),
+        work.mov_norm.apply(sitk.GetArrayViewFromImage(mov_g)), outcome.token_maps, to_token, outcome.prompt,
+        outcome.p, device=outcome.device, precision=precision, cancel=run.check_cancel,
+    )
+    return fused, grid, "float32" if precision is None else str(precision).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -514,7 +543,7 @@ def fuse(
     """Align, restore and fuse ``moving`` onto ``reference`` with UniFuse.
 
     Stages (each timed and recorded in ``report["stages"]``): read -> load_model -> header -> affine ->
-    working_grid -> network -> refine -> fusion -> warp -> maps. The alignment stages are guarded: each
+    working_grid -> network -> refine -> warp -> fusion -> maps. The alignment stages are guarded: each
     result is kept only if the ground-truth-free alignment score improves (``report["alignment"]``); when
     the final alignment is not better than the header geometry, ``report["warnings"]`` says so.
 
@@ -590,11 +619,17 @@ def fuse(
         aligned = geometry.warp_image(mov_img, composed, ref_img, default=float(mov_norm.low))
         displacement = _displacement_field(composed, ref_img)
 
-    with run.stage("maps", 0.85, "computing fused volume and error maps"):
-        fused_arr = ref_norm.invert(outcome.fused) if opts.map_back else outcome.fused
-        fused_grid = sitk.GetImageFromArray(fused_arr.astype(np.float32))
-        fused_grid.CopyInformation(work.grid)
-        fused = geometry.resample(fused_grid, ref_img, default=float(ref_norm.low) if opts.map_back else 0.0)
+    with run.stage("fusion", 0.80, "restoring and fusing at the reference resolution") as rec:
+        fused_u, fusion_on, precision = _native_fusion(run, loaded, ref_img, aligned, outcome, opts)
+        fused_arr = ref_norm.invert(fused_u) if opts.map_back else fused_u
+        fused = sitk.GetImageFromArray(fused_arr.astype(np.float32))
+        fused.CopyInformation(fusion_on)
+        if fusion_on is not ref_img:
+            fused = geometry.resample(fused, ref_img, default=float(ref_norm.low) if opts.map_back else 0.0)
+        rec.details = {"grid_size": list(fusion_on.GetSize()), "grid_spacing_mm": list(fusion_on.GetSpacing()),
+                       "precision": precision}
+
+    with run.stage("maps", 0.90, "computing the Jacobian and error maps"):
         jacobian = error_maps.jacobian_determinant_image(displacement)
         error_before, error_after, map_info = _error_maps(run, ref_img, mov_img, t_init, composed, aligned, mov_norm)
 

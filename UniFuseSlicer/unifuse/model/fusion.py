@@ -162,14 +162,31 @@ class UFRF(nn.Module):
         Returns:
             fused volume (B, 1, S, S, S) in [0, 1].
         """
-        guidance = self.guidance(prompt, p)
+        # the token grid and the bottleneck grid are both cell-centred patch grids: align_corners=False
+        bottleneck = [s // 2 ** (len(self.channels) - 1) for s in features.shape[2:]]
+        tokens = F.interpolate(token_maps, size=bottleneck, mode="trilinear", align_corners=False)
+        return self.decode(features, tokens, self.guidance(prompt, p), p)
+
+    def decode(
+        self, features: torch.Tensor, tokens: torch.Tensor, guidance: torch.Tensor, p: torch.Tensor
+    ) -> torch.Tensor:
+        """The U-Net on any grid whose edges are multiples of 2^(K-1) (full volume or a patch of it).
+
+        Args:
+            features: (B, 2C, D, H, W) F̃.
+            tokens: (B, 2M, D/2^(K-1), H/2^(K-1), W/2^(K-1)) the unified token maps already sampled at the
+                bottleneck voxels' centres.
+            guidance: (B, M) g = :attr:`guidance` (prompt, p).
+            p: (B, Ñ) degradation weights.
+
+        Returns:
+            (B, 1, D, H, W) in [0, 1].
+        """
         skips: List[torch.Tensor] = []
         x = self.stem(features)
         for down in self.down:
             skips.append(x)
             x = down(x)
-        # the token grid and the bottleneck grid are both cell-centred patch grids: align_corners=False
-        tokens = F.interpolate(token_maps, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
         x = x + self.token_proj(tokens)
         for k in reversed(range(len(skips))):
             skip = self.alsn[k](skips[k], guidance, p)

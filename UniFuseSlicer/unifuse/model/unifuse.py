@@ -253,12 +253,42 @@ class UniFuse(nn.Module):
         (:meth:`predict_field`) or the pipeline's final one after its later alignment stages.
         """
         features = torch.cat([warp(a.feat_mov, u), a.feat_ref], dim=1)
+        return self.ufrf(features, self.token_maps(a, u), a.dapl.prompt, p)
+
+    @property
+    def fusion_multiple(self) -> int:
+        """Edges of a :meth:`fuse_patch` patch must be multiples of this (the U-Net's 2^(K-1))."""
+        return 2 ** (len(self.cfg.unet_channels) - 1)
+
+    def fusion_guidance(self, prompt: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """g = MLP(P̂ ⊙ p), (B, M): the restoration guidance of every ALSN, computed once per volume."""
+        return self.ufrf.guidance(prompt, p)
+
+    def fuse_patch(self, reference: torch.Tensor, aligned: torch.Tensor, tokens: torch.Tensor,
+                   guidance: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """UFR&F on one patch of any grid (:mod:`unifuse.native_fusion`).
+
+        Args:
+            reference, aligned: (1, 1, D, H, W) reference and moving volume already aligned onto the same
+                patch, [0, 1]; edges multiples of :attr:`fusion_multiple`.
+            tokens: (1, 2M, D/f, H/f, W/f) :meth:`token_maps` sampled at the patch's bottleneck voxels.
+            guidance: :meth:`fusion_guidance`; p: (1, Ñ) class weights.
+
+        Returns:
+            (1, 1, D, H, W) fused patch in [0, 1].
+        """
+        feats = self.encoder(torch.cat([aligned, reference], dim=0))
+        return self.ufrf.decode(torch.cat([feats[:1], feats[1:]], dim=1), tokens, guidance, p)
+
+    def token_maps(self, a: "Analysis", u: torch.Tensor) -> torch.Tensor:
+        """The unified token maps of the aligned pair, (B, 2M, S_z/Q, S_y/Q, S_x/Q): F̄'_D maps warped by
+        ``u`` (working-grid voxels; :func:`field_to_token_grid`) next to the F̄_R maps. Token t sits at the
+        centre of its Q³ patch of working-grid voxels (working index t·Q + (Q-1)/2)."""
         u_tokens = field_to_token_grid(u, self.cfg.patch_size)
-        token_maps = torch.cat(
+        return torch.cat(
             [warp(tokens_to_volume(a.tokens_mov, a.token_grid), u_tokens), tokens_to_volume(a.tokens_ref, a.token_grid)],
             dim=1,
         )
-        return self.ufrf(features, token_maps, a.dapl.prompt, p)
 
     def forward(
         self,
