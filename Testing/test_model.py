@@ -435,7 +435,7 @@ def test_every_parameter_receives_a_gradient():
     perturb_zero_initialised(model)
     model.train()
     out = model(*pair(16, 2, seed=6))
-    loss = out.fused.mean() + out.displacement.square().mean() + out.logits.square().mean()
+    loss = out.fused.mean() + out.restored.mean() + out.displacement.square().mean() + out.logits.square().mean()
     loss = loss + out.tokens_ref.square().mean() + out.tokens_mov.square().mean()
     loss.backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
@@ -515,6 +515,7 @@ def test_fusion_uses_the_field_it_is_given():
         p = model.resolve_degradation(None, a.dapl.probs)
         u = model.predict_field(a, p)
         assert torch.allclose(u, out.displacement, atol=1e-6)
-        assert torch.allclose(model.restore_and_fuse(a, u, p), out.fused, atol=1e-6)
-        shifted = model.restore_and_fuse(a, u + 2.0, p)
+        both = model.restore_and_fuse(a, u, p)
+        assert torch.allclose(both[:, :1], out.fused, atol=1e-6) and torch.allclose(both[:, 1:], out.restored, atol=1e-6)
+        shifted = model.restore_and_fuse(a, u + 2.0, p)[:, :1]
     assert not torch.allclose(shifted, out.fused, atol=1e-4)

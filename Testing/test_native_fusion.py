@@ -71,7 +71,7 @@ def _tiny_pair(size=32, seed=0):
     with torch.inference_mode():
         a = model.analyse(r, m)
         u = torch.zeros((1, 3, size, size, size))
-        whole = model.restore_and_fuse(a, u, a.dapl.probs)[0, 0].numpy()
+        whole = model.restore_and_fuse(a, u, a.dapl.probs)[0].numpy()  # (2, ...): fused, restored
         maps = model.token_maps(a, u)
     q = model.cfg.patch_size
     to_token = np.concatenate([np.eye(3), np.full((3, 1), -(q - 1) / 2.0)], axis=1) / q  # working grid = fusion grid
@@ -80,13 +80,14 @@ def _tiny_pair(size=32, seed=0):
 
 def test_one_patch_is_exactly_the_working_grid_fusion():
     model, ref, mov, whole, maps, to_token, a = _tiny_pair()
-    out = fuse_native(model, ref, mov, maps, to_token, a.dapl.prompt, a.dapl.probs, patch=64)
-    assert np.abs(out - whole).max() < 1e-5
+    out, restored = fuse_native(model, ref, mov, maps, to_token, a.dapl.prompt, a.dapl.probs, patch=64)
+    assert np.abs(out - whole[0]).max() < 1e-5 and np.abs(restored - whole[1]).max() < 1e-5
 
 
 def test_patches_blend_without_seams():
     model, ref, mov, whole, maps, to_token, a = _tiny_pair()
-    out = fuse_native(model, ref, mov, maps, to_token, a.dapl.prompt, a.dapl.probs, patch=16, overlap=8)
+    whole = whole[0]
+    out, _ = fuse_native(model, ref, mov, maps, to_token, a.dapl.prompt, a.dapl.probs, patch=16, overlap=8)
     assert np.abs(out - whole).mean() < 2e-3 and np.abs(out - whole).max() < 0.02
     # no step at the tile borders: the difference to the one-patch result is as smooth there as anywhere
     step = np.abs(np.diff(out - whole, axis=2))
@@ -103,6 +104,6 @@ def test_background_patches_are_filled_not_computed(monkeypatch):
     calls = []
     fuse_patch = model.fuse_patch
     monkeypatch.setattr(model, "fuse_patch", lambda *args: calls.append(args[0].shape) or fuse_patch(*args))
-    out = fuse_native(model, ref, mov, maps, to_token, a.dapl.prompt, a.dapl.probs, patch=16, overlap=0)
+    out, _ = fuse_native(model, ref, mov, maps, to_token, a.dapl.prompt, a.dapl.probs, patch=16, overlap=0)
     assert len(calls) == 5  # the 4 tiles with content + one evaluation shared by the 4 empty tiles
     assert np.isfinite(out).all() and out[:, :, 24:].std() < 1e-3

@@ -50,6 +50,12 @@ class ModelConfig:
         fa_skips: feed the shared encoder's full-resolution features into FA after each upsampling and
             correlate at the head (``unifuse.model.alignment``). False reproduces networks (and reads
             checkpoints) made before the option existed: the field is then read from the token maps alone.
+        fa_cell_centred: upsample the FA head's S/fa_stride field to S as the cell-centred grid it is
+            (:func:`unifuse.spatial.resize_field`). False reproduces networks trained before the fix (corner-
+            aligned, which scaled the field by (S - 1)/(g - 1) instead of S/g: ~3 % too large at 32³).
+        restoration_head: UFR&F also outputs the restored moving volume (the aligned moving after
+            degradation-specific restoration; a second 1×1×1 output conv on the same decoder). False
+            reproduces networks made before the option (fused output only).
         degradation_stats: add class logits computed from second-order statistics of the moving volume to the
             DAPL classifier (:mod:`unifuse.model.degradation_stats`). False reproduces networks (and reads
             checkpoints) made before the option existed.
@@ -73,6 +79,8 @@ class ModelConfig:
     corr_radius: int = 2
     integration_steps: int = 4
     fa_skips: bool = False
+    fa_cell_centred: bool = False
+    restoration_head: bool = False
     degradation_stats: bool = False
 
     @property
@@ -120,13 +128,15 @@ def tiny() -> ModelConfig:
         unet_channels=(8, 16),
         lora_rank=2,
         fa_skips=True,
+        fa_cell_centred=True,
+        restoration_head=True,
         degradation_stats=True,
     )
 
 
 def default() -> ModelConfig:
     """The default architecture at a 64³ working grid (the shipped weights use it at 32³: :func:`cpu`)."""
-    return ModelConfig(fa_skips=True, degradation_stats=True)
+    return ModelConfig(fa_skips=True, fa_cell_centred=True, restoration_head=True, degradation_stats=True)
 
 
 def paper() -> ModelConfig:
@@ -143,6 +153,8 @@ def paper() -> ModelConfig:
         unet_channels=(32, 64, 128, 256),
         lora_rank=8,
         fa_skips=True,
+        fa_cell_centred=True,
+        restoration_head=True,
         degradation_stats=True,
     )
 
@@ -174,6 +186,8 @@ def cpu() -> ModelConfig:
         corr_radius=2,
         integration_steps=4,
         fa_skips=True,
+        fa_cell_centred=True,
+        restoration_head=True,
         degradation_stats=True,
     )
 

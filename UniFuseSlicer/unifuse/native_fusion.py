@@ -137,7 +137,7 @@ def fuse_native(
     device: Optional[torch.device] = None,
     precision: Optional[torch.dtype] = None,
     cancel: Optional[Callable[[], None]] = None,
-) -> np.ndarray:
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Run :meth:`~unifuse.model.UniFuse.fuse_patch` of ``model`` over a whole volume in patches.
 
     Args:
@@ -154,7 +154,8 @@ def fuse_native(
         cancel: called between patches (raises to abort).
 
     Returns:
-        (D, H, W) float32 fused volume in [0, 1] on the fusion grid.
+        ``(fused, restored)``: (D, H, W) float32 volumes in [0, 1] on the fusion grid; ``restored`` (the
+        restored aligned moving volume) is None when the network has no restoration output.
     """
     device = device or token_maps.device
     factor = model.fusion_multiple
@@ -164,7 +165,7 @@ def fuse_native(
     pad = [(0, a - n) for a, n in zip(padded, shape)]
     ref = torch.from_numpy(np.pad(reference_u.astype(np.float32), pad))
     mov = torch.from_numpy(np.pad(aligned_u.astype(np.float32), pad))
-    out = torch.zeros(padded, dtype=torch.float32)
+    out: Optional[torch.Tensor] = None  # (C, *padded), C = the network's output channels
     weight = torch.zeros(padded, dtype=torch.float32)
     importance = gaussian_importance(edge)
     a = torch.as_tensor(native_to_token, dtype=torch.float32, device=device)
@@ -179,9 +180,9 @@ def fuse_native(
         t = (b_idx + torch.tensor(start, dtype=torch.float32, device=device)) @ a[:, :3].T + a[:, 3]
         g = torch.where(t_size > 1, 2.0 * t / (t_size - 1).clamp_min(1) - 1.0, torch.zeros_like(t))
         tokens = F.grid_sample(token_maps, g[None], mode="bilinear", padding_mode="border", align_corners=True)
-        return model.fuse_patch(r.to(device), m.to(device), tokens, guidance, p)[0, 0].float().cpu()
+        return model.fuse_patch(r.to(device), m.to(device), tokens, guidance, p)[0].float().cpu()
 
-    background: Optional[float] = None
+    background: Optional[torch.Tensor] = None
     autocast = torch.autocast(torch.device(device).type, dtype=precision, enabled=precision is not None)
     with torch.inference_mode(), autocast:
         for zs, ys, xs in windows:
@@ -193,10 +194,13 @@ def fuse_native(
                 # nothing but background in both: the network's (constant) output on it, computed once
                 if background is None:
                     zero = torch.zeros((1, 1, factor * 8, factor * 8, factor * 8))
-                    background = float(run(zero, zero, start)[factor * 4, factor * 4, factor * 4])
-                fused = torch.full(edge, background)
+                    background = run(zero, zero, start)[:, factor * 4, factor * 4, factor * 4]
+                fused = background[:, None, None, None].expand(-1, *edge)
             else:
                 fused = run(r, m, start)
-            out[zs, ys, xs] += fused * importance
+            if out is None:
+                out = torch.zeros((fused.shape[0], *padded), dtype=torch.float32)
+            out[:, zs, ys, xs] += fused * importance
             weight[zs, ys, xs] += importance
-    return (out / weight)[: shape[0], : shape[1], : shape[2]].numpy()
+    result = (out / weight)[:, : shape[0], : shape[1], : shape[2]].numpy()
+    return result[0], (result[1] if result.shape[0] > 1 else None)

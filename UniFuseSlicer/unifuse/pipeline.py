@@ -53,6 +53,7 @@ CancelFn = Callable[[], bool]
 #: Image files written by :meth:`FusionResult.save` (and the CLI), by result attribute.
 IMAGE_OUTPUT_FILES: Dict[str, str] = {
     "fused": "fused.nii.gz",
+    "restored": "restored.nii.gz",
     "aligned": "aligned.nii.gz",
     "displacement": "displacement.nii.gz",
     "jacobian": "jacobian.nii.gz",
@@ -90,6 +91,9 @@ class FusionResult:
             and guard scores, device, model, working grid, normalisation, degradation, warnings).
         global_transform: the kept global (header or affine) transform, reference -> moving LPS points
             (ITK's resampling convention); written as ``affine.tfm``.
+        restored: float32 aligned moving volume after the network's degradation-specific restoration, in
+            the moving's units (``map_back``; else [0, 1]); None for networks without the restoration output
+            (``ModelConfig.restoration_head``; then no ``restored.nii.gz`` is written).
     """
 
     fused: sitk.Image
@@ -102,6 +106,7 @@ class FusionResult:
     probabilities: Dict[str, float]
     report: Dict[str, Any] = field(default_factory=dict)
     global_transform: Optional[sitk.Transform] = None
+    restored: Optional[sitk.Image] = None
 
     def save(self, out_dir: Union[str, Path], overwrite: bool = False) -> Dict[str, Path]:
         """Write every output (see :data:`OUTPUT_FILES`) and ``report.json`` into ``out_dir``.
@@ -503,9 +508,10 @@ def _deformable_stages(
 
 
 def _native_fusion(run: _Run, loaded: LoadedModel, ref_img: sitk.Image, aligned: sitk.Image,
-                   outcome: DeformableOutcome, opts: FuseOptions) -> Tuple[np.ndarray, sitk.Image, str]:
+                   outcome: DeformableOutcome, opts: FuseOptions) -> Tuple[np.ndarray, Optional[np.ndarray], sitk.Image, str]:
     """UFR&F on the reference grid (or the ``fusion_spacing_mm`` cap) in blended patches
-    (:mod:`unifuse.native_fusion`); returns the fused volume in [0, 1], the grid it is on and the precision."""
+    (:mod:`unifuse.native_fusion`); returns the fused and restored volumes in [0, 1] (restored None without
+    the restoration output), the grid they are on and the precision."""
     from . import geometry
     from .native_fusion import fast_precision, fuse_native, fusion_grid, index_to_index_affine
 
@@ -518,12 +524,12 @@ def _native_fusion(run: _Run, loaded: LoadedModel, ref_img: sitk.Image, aligned:
     to_working = index_to_index_affine(grid, work.grid)
     to_token = np.concatenate([to_working[:, :3], to_working[:, 3:] - (q - 1) / 2.0], axis=1) / q
     precision = fast_precision(outcome.device)
-    fused = fuse_native(
+    fused, restored = fuse_native(
         loaded.model, work.ref_norm.apply(sitk.GetArrayViewFromImage(ref_g)),
         work.mov_norm.apply(sitk.GetArrayViewFromImage(mov_g)), outcome.token_maps, to_token, outcome.prompt,
         outcome.p, device=outcome.device, precision=precision, cancel=run.check_cancel,
     )
-    return fused, grid, "float32" if precision is None else str(precision).replace("torch.", "")
+    return fused, restored, grid, "float32" if precision is None else str(precision).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -620,12 +626,17 @@ def fuse(
         displacement = _displacement_field(composed, ref_img)
 
     with run.stage("fusion", 0.80, "restoring and fusing at the reference resolution") as rec:
-        fused_u, fusion_on, precision = _native_fusion(run, loaded, ref_img, aligned, outcome, opts)
-        fused_arr = ref_norm.invert(fused_u) if opts.map_back else fused_u
-        fused = sitk.GetImageFromArray(fused_arr.astype(np.float32))
-        fused.CopyInformation(fusion_on)
-        if fusion_on is not ref_img:
-            fused = geometry.resample(fused, ref_img, default=float(ref_norm.low) if opts.map_back else 0.0)
+        fused_u, restored_u, fusion_on, precision = _native_fusion(run, loaded, ref_img, aligned, outcome, opts)
+
+        def on_reference(volume: np.ndarray, norm: Any) -> sitk.Image:
+            image = sitk.GetImageFromArray((norm.invert(volume) if opts.map_back else volume).astype(np.float32))
+            image.CopyInformation(fusion_on)
+            if fusion_on is ref_img:
+                return image
+            return geometry.resample(image, ref_img, default=float(norm.low) if opts.map_back else 0.0)
+
+        fused = on_reference(fused_u, ref_norm)
+        restored = None if restored_u is None else on_reference(restored_u, mov_norm)
         rec.details = {"grid_size": list(fusion_on.GetSize()), "grid_spacing_mm": list(fusion_on.GetSpacing()),
                        "precision": precision}
 
@@ -693,12 +704,14 @@ def fuse(
             "after": float(sitk.GetArrayViewFromImage(error_after).mean()),
         },
         "fused_intensity": "reference units" if opts.map_back else "[0, 1]",
+        "restored": ("not produced: this network has no restoration output (ModelConfig.restoration_head)"
+                     if restored is None else "moving units" if opts.map_back else "[0, 1]"),
     })
     run.step(1.0, "done")
     return FusionResult(
         fused=fused, aligned=aligned, displacement=displacement, jacobian=jacobian, error_map=error_after,
         error_map_before=error_before, degradation=used, probabilities=report.sections["degradation"]["probabilities"],
-        report=report.to_dict(), global_transform=kept_global.transform,
+        report=report.to_dict(), global_transform=kept_global.transform, restored=restored,
     )
 
 

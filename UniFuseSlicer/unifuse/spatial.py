@@ -93,21 +93,23 @@ def compose(u_first: torch.Tensor, u_second: torch.Tensor) -> torch.Tensor:
     return u_second + warp(u_first, u_second, mode="bilinear", padding_mode="border")
 
 
-def resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Resample a voxel displacement field to another grid covering the same extent (align_corners=True).
+def resize_field(u: torch.Tensor, shape: Sequence[int], cell_centred: bool = False) -> torch.Tensor:
+    """Resample a voxel displacement field to another grid covering the same extent.
 
     Both the sampling positions and the vector magnitudes are rescaled, so the physical displacement is
-    unchanged: a field in voxels of a 32-grid becomes a field in voxels of a 64-grid.
+    unchanged: a field in voxels of a 32-grid becomes a field in voxels of a 64-grid. ``cell_centred=False``
+    treats the grids as sharing their corner voxels' centres (align_corners=True, scale (S1 - 1) / (S0 - 1));
+    ``True`` as sharing their outer cell boundaries, each coarse voxel covering a block of fine voxels
+    (align_corners=False, scale S1 / S0) — the right model for a grid made by strided pooling.
     """
     d0, h0, w0 = u.shape[2:]
     d1, h1, w1 = (int(s) for s in shape)
-    out = F.interpolate(u, size=(d1, h1, w1), mode="trilinear", align_corners=True)
-    ratio = torch.tensor(
-        [(w1 - 1) / max(w0 - 1, 1), (h1 - 1) / max(h0 - 1, 1), (d1 - 1) / max(d0 - 1, 1)],
-        device=u.device,
-        dtype=u.dtype,
-    ).view(1, 3, 1, 1, 1)
-    return out * ratio
+    out = F.interpolate(u, size=(d1, h1, w1), mode="trilinear", align_corners=not cell_centred)
+    if cell_centred:
+        scale = [w1 / w0, h1 / h0, d1 / d0]
+    else:
+        scale = [(w1 - 1) / max(w0 - 1, 1), (h1 - 1) / max(h0 - 1, 1), (d1 - 1) / max(d0 - 1, 1)]
+    return out * torch.tensor(scale, device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
 
 
 def jacobian_determinant(u: torch.Tensor) -> torch.Tensor:

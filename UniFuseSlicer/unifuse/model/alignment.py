@@ -33,7 +33,9 @@ Head: concat(F_D^{J+1}, F_R^{J+1}[, corr_1(F_R^{J+1}, F_D^{J+1}) with skips]) ->
 output is bounded instead, ``v = tanh(v_raw) · b`` with b = ``max_displacement`` × grid edge (per axis).
 With ``integration_steps`` > 0, v is read as a stationary velocity and integrated by scaling and squaring,
 so the map is (close to) diffeomorphic and does not fold; the integrated field keeps the per-component
-bound. The field is finally resampled to the working grid with :func:`unifuse.spatial.resize_field`:
+bound. The field is finally resampled to the working grid with :func:`unifuse.spatial.resize_field`, as the
+cell-centred grid it is (each head voxel covers fa_stride³ working voxels; ``ModelConfig.fa_cell_centred``;
+networks made before that option used the corner-aligned convention, a ~3 % scale error at 32³):
 u (B, 3, D, H, W), voxels of the working grid, channels (x, y, z), pull-back
 ``aligned(p) = moving(p + u(p))``. An untrained model predicts exactly u = 0.
 """
@@ -205,6 +207,8 @@ class FeatureAlignment(nn.Module):
         integration_steps: scaling-and-squaring steps (0: the head output is the displacement).
         skip_channels: C of the encoder features fed in after each upsampling (0 = no encoder skips: the
             field is read from the token maps alone, the paper's Fig. 3).
+        cell_centred: upsample the head's field as a cell-centred grid (False: the corner-aligned
+            convention of networks trained before the fix).
     """
 
     def __init__(
@@ -219,9 +223,11 @@ class FeatureAlignment(nn.Module):
         max_displacement: float,
         integration_steps: int,
         skip_channels: int = 0,
+        cell_centred: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.cell_centred = cell_centred
         self.skip_channels = skip_channels
         self.fa_stride = fa_stride
         self.max_displacement = max_displacement
@@ -302,14 +308,15 @@ class FeatureAlignment(nn.Module):
         raw = self.head_out(self.head(torch.cat(head_in, dim=1)))
         field_grid = raw.shape[2:]
         # per-component bound in voxels of the head grid, chosen so that after resize_field (which scales
-        # by (S - 1) / (g - 1)) it is exactly max_displacement * S voxels of the working grid
+        # by S / g cell-centred, (S - 1) / (g - 1) otherwise) it is exactly max_displacement * S working voxels
+        c = 0 if self.cell_centred else 1
         bound = [
-            self.max_displacement * s * (g - 1) / max(s - 1, 1)
+            self.max_displacement * s * (g - c) / max(s - c, 1)
             for s, g in zip(reversed(volume_grid), reversed(field_grid))  # (x, y, z)
         ]
         bound_t = torch.tensor(bound, device=raw.device, dtype=raw.dtype).view(1, 3, 1, 1, 1)
         velocity = torch.tanh(raw) * bound_t
         u = integrate_velocity(velocity, self.integration_steps) if self.integration_steps > 0 else velocity
         if tuple(field_grid) != tuple(volume_grid):
-            u = resize_field(u, volume_grid)
+            u = resize_field(u, volume_grid, cell_centred=self.cell_centred)
         return u

@@ -24,7 +24,9 @@ connection (levels 0..K-2) passes an ALSN (eq. 7):
   the degradation weights p_j. All branches of a scale are evaluated as one conv C_i -> Ñr, a per-class
   scaling by p, and one 1×1×1 conv Ñr -> C_i (exactly Σ_j p_j U_j A_j).
 
-Output: 1×1×1 conv -> sigmoid -> fused volume (B, 1, S, S, S) in [0, 1].
+Output: 1×1×1 conv -> sigmoid -> fused volume (B, 1, S, S, S) in [0, 1]; with ``restoration`` a second
+1×1×1 conv -> sigmoid on the same decoder features gives the restored moving volume (channel 1): the aligned
+moving modality after the degradation-specific restoration (trained towards the clean aligned moving volume).
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class UFRF(nn.Module):
         channels: U-Net widths (c_0, ..., c_{K-1}), level k at S / 2^k.
         num_classes, prompt_len, embed_dim: Ñ, L, M of the prompt.
         rank: LoRA rank r.
+        restoration: add the restored-moving output (channel 1 of the result).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class UFRF(nn.Module):
         prompt_len: int,
         embed_dim: int,
         rank: int,
+        restoration: bool = False,
     ) -> None:
         super().__init__()
         chans = list(channels)
@@ -147,6 +151,7 @@ class UFRF(nn.Module):
         )
         self.merge = nn.ModuleList(conv3d_gelu(2 * chans[k], chans[k]) for k in range(len(chans) - 1))
         self.out = nn.Conv3d(chans[0], 1, 1)
+        self.restore_out = nn.Conv3d(chans[0], 1, 1) if restoration else None
 
     def forward(
         self, features: torch.Tensor, token_maps: torch.Tensor, prompt: torch.Tensor, p: torch.Tensor
@@ -160,7 +165,8 @@ class UFRF(nn.Module):
             p: (B, Ñ) degradation weights.
 
         Returns:
-            fused volume (B, 1, S, S, S) in [0, 1].
+            (B, 1, S, S, S) fused volume in [0, 1]; (B, 2, S, S, S) with the restored moving volume as
+            channel 1 when the network has the restoration output.
         """
         # the token grid and the bottleneck grid are both cell-centred patch grids: align_corners=False
         bottleneck = [s // 2 ** (len(self.channels) - 1) for s in features.shape[2:]]
@@ -180,7 +186,7 @@ class UFRF(nn.Module):
             p: (B, Ñ) degradation weights.
 
         Returns:
-            (B, 1, D, H, W) in [0, 1].
+            (B, 1, D, H, W) fused, or (B, 2, D, H, W) fused and restored, in [0, 1].
         """
         skips: List[torch.Tensor] = []
         x = self.stem(features)
@@ -191,4 +197,6 @@ class UFRF(nn.Module):
         for k in reversed(range(len(skips))):
             skip = self.alsn[k](skips[k], guidance, p)
             x = self.merge[k](torch.cat([self.up[k](x), skip], dim=1))
-        return torch.sigmoid(self.out(x))
+        if self.restore_out is None:
+            return torch.sigmoid(self.out(x))
+        return torch.sigmoid(torch.cat([self.out(x), self.restore_out(x)], dim=1))

@@ -35,6 +35,7 @@ class UniFuseOutput:
 
     Attributes:
         fused: (B, 1, S, S, S) fused volume in [0, 1].
+        restored: (B, 1, S, S, S) restored aligned moving volume in [0, 1], or None (no restoration output).
         displacement: (B, 3, S, S, S) u_{D->R}, pull-back, voxels of the working grid, channels (x, y, z).
         aligned: (B, 1, S, S, S) ``spatial.warp(moving, displacement)``.
         logits: (B, Ñ) degradation classifier logits (always the classifier's, even when overridden).
@@ -46,6 +47,7 @@ class UniFuseOutput:
     """
 
     fused: torch.Tensor
+    restored: Optional[torch.Tensor]
     displacement: torch.Tensor
     aligned: torch.Tensor
     logits: torch.Tensor
@@ -124,8 +126,10 @@ class UniFuse(nn.Module):
         self.oufr = OUFR(c, cfg.patch_size, m, cfg.d_state, cfg.expand, cfg.d_conv)
         self.fa = FeatureAlignment(m, cfg.patch_size, cfg.num_regblks, cfg.fa_stride, cfg.corr_radius,
                                    cfg.num_degradations, cfg.prompt_len, cfg.max_displacement,
-                                   cfg.integration_steps, skip_channels=c if cfg.fa_skips else 0)
-        self.ufrf = UFRF(2 * c, 2 * m, cfg.unet_channels, cfg.num_degradations, cfg.prompt_len, m, cfg.lora_rank)
+                                   cfg.integration_steps, skip_channels=c if cfg.fa_skips else 0,
+                                   cell_centred=cfg.fa_cell_centred)
+        self.ufrf = UFRF(2 * c, 2 * m, cfg.unet_channels, cfg.num_degradations, cfg.prompt_len, m, cfg.lora_rank,
+                         restoration=cfg.restoration_head)
 
     # ------------------------------------------------------------------------------------ validation
     def check_volumes(
@@ -247,7 +251,8 @@ class UniFuse(nn.Module):
                        skip_mov=a.feat_mov, skip_ref=a.feat_ref)
 
     def restore_and_fuse(self, a: "Analysis", u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """UFR&F: the fused volume (B, 1, S_z, S_y, S_x) in [0, 1] from the moving features warped by ``u``.
+        """UFR&F: the fused volume (B, 1, S_z, S_y, S_x) in [0, 1] from the moving features warped by ``u``
+        (B, 2, ...) with the restored moving volume as channel 1 when ``cfg.restoration_head``.
 
         ``u`` is any pull-back field on the working grid (voxels, channels (x, y, z)): the network's own
         (:meth:`predict_field`) or the pipeline's final one after its later alignment stages.
@@ -275,7 +280,7 @@ class UniFuse(nn.Module):
             guidance: :meth:`fusion_guidance`; p: (1, Ñ) class weights.
 
         Returns:
-            (1, 1, D, H, W) fused patch in [0, 1].
+            (1, 1, D, H, W) fused patch in [0, 1]; (1, 2, D, H, W) with the restored moving volume.
         """
         feats = self.encoder(torch.cat([aligned, reference], dim=0))
         return self.ufrf.decode(torch.cat([feats[:1], feats[1:]], dim=1), tokens, guidance, p)
@@ -312,9 +317,10 @@ class UniFuse(nn.Module):
         p = self.resolve_degradation(degradation, a.dapl.probs)
         u = self.predict_field(a, p)
         aligned = warp(moving, u)
-        fused = self.restore_and_fuse(a, u, p)
+        out = self.restore_and_fuse(a, u, p)
         return UniFuseOutput(
-            fused=fused,
+            fused=out[:, :1],
+            restored=out[:, 1:] if out.shape[1] > 1 else None,
             displacement=u,
             aligned=aligned,
             logits=a.dapl.logits,
