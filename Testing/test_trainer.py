@@ -227,7 +227,7 @@ def test_sampler_is_seeded_epoch_permutation_and_resumable():
 
 # --------------------------------------------------------------------------------------------- configs
 def test_named_configs_are_valid_and_json_configs_override_a_base(tmp_path):
-    for name in ("tiny", "cpu", "cpu_finetune", "gpu"):
+    for name in ("tiny", "cpu", "cpu_finetune", "cpu_real", "gpu"):
         cfg = get_train_config(name)
         assert cfg.name == name and cfg.grad_clip == 1.0 and cfg.init_from is None
         assert TrainConfig.from_dict(cfg.to_dict()) == cfg
@@ -258,6 +258,37 @@ def test_a_network_without_degradation_statistics_grows_the_branch(tmp_path):
     assert torch.allclose(before.fused, after.fused) and torch.allclose(before.displacement, after.displacement)
     with pytest.raises(UniFuseError, match="same network config"):
         Trainer(_tiny(init_from=str(path), working_size=32), tmp_path / "other", device="cpu", log_stream=None)
+
+
+def test_a_checkpoint_without_the_restoration_output_grows_it_and_keeps_everything_else(tmp_path):
+    from unifuse.model import build_model
+    from unifuse.weights import save_checkpoint
+
+    old_cfg = _tiny().model_config().replace(restoration_head=False, fa_cell_centred=False)
+    torch.manual_seed(0)
+    old = build_model(old_cfg).eval()
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, old_cfg, old.state_dict())
+    grown = Trainer(_tiny(init_from=str(path)), tmp_path / "run", device="cpu", log_stream=None).model.eval()
+    assert grown.cfg.restoration_head and grown.cfg.fa_cell_centred
+    reference, moving = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        before, after = old(reference, moving), grown(reference, moving)
+    assert before.restored is None and after.restored is not None
+    assert torch.allclose(before.fused, after.fused, atol=1e-6) and torch.allclose(before.logits, after.logits)
+
+
+def test_restore_loss_trains_the_restoration_output(tmp_path):
+    from unifuse.train.losses import LossWeights, UniFuseLoss, loss_restore
+
+    a = torch.rand(1, 1, 12, 12, 12)
+    assert float(loss_restore(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss_restore(a * 0, a)) > float(loss_restore(a * 0.9, a)) > 0
+    with pytest.raises(ValueError, match="restore"):
+        UniFuseLoss(LossWeights(ce=0, moda=0, reg=0, rf=0, smooth=0, restore=1.0))(restored=a)
+    trainer = Trainer(_tiny(loss_weights={"restore": 1.0}), tmp_path / "run", device="cpu", log_stream=None)
+    record = trainer.train_step(next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=2))))
+    assert record["loss_restore"] > 0
 
 
 def test_lr_multipliers_scale_the_named_parameters_and_reject_typos(tmp_path):

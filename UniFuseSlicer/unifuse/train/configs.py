@@ -46,6 +46,7 @@ __all__ = [
     "cpu",
     "cpu_finetune",
     "cpu_stats",
+    "cpu_real",
     "gpu",
     "get_train_config",
     "load_train_config",
@@ -57,10 +58,12 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 INIT_CHOICES = ("he_conv", "pytorch")
 #: Dataset-folder layouts the trainer reads (the keys of :data:`unifuse.data.folders.LAYOUTS`; listed here so
 #: that reading a config does not import the imaging stack).
-DATA_LAYOUTS = ("brats2020", "synthrad2023", "fdg-petct")
+DATA_LAYOUTS = ("brats2020", "synthrad2023", "fdg-petct", "unifuse-real")
 #: ``folder_options`` keys: :class:`unifuse.data.folders.FolderPairs` arguments a config may set.
 FOLDER_OPTION_KEYS = ("degradation", "split_seed", "fractions", "none_fraction", "max_rot_deg", "max_trans_mm",
-                      "nonrigid_mm", "region", "reference", "moving")
+                      "nonrigid_mm", "region", "reference", "moving",
+                      # the unifuse-real layout (unifuse.train.real_crops.RealCrops)
+                      "spacing_mm", "working_mm", "variants", "max_scale")
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,35 @@ def cpu_stats() -> TrainConfig:
     )
 
 
+def cpu_real() -> TrainConfig:
+    """Fine-tune the shipped ``cpu`` weights for the staged pipeline on real anatomy (issues 11 and 12).
+
+    ``unifuse train --config cpu_real --init-from UniFuseSlicer/Resources/Models/unifuse_default.pt
+    --out runs/real`` after ``unifuse data real``: 32³ crops of the real training cases
+    (:class:`unifuse.train.real_crops.RealCrops`; half at the 3 mm working spacing, half at 1–3 mm, i.e. the
+    reference resolution the fusion now runs at) with the affine stage's residual misalignment, 20 % synthetic
+    whole-head pairs; the restoration output grown and trained (``restore`` 1), the FA head's cell-centred
+    upsampling, and L_inten towards the paper's maximum of the two sources. Both CPU threads.
+    """
+    return cpu().replace(
+        name="cpu_real",
+        steps=3000,
+        lr=2e-4,
+        warmup_steps=50,
+        train_seed=4,
+        train_samples=6000,
+        val_samples=16,
+        data_root="real_data",
+        data_layout="unifuse-real",
+        mix_synthetic=0.2,
+        loss_weights={"reg": 10.0, "restore": 1.0, "inten_target": "max"},
+        lr_multipliers={"ufrf.restore_out.": 10.0},
+        val_every=250,
+        checkpoint_every=100,
+        num_threads=2,
+    )
+
+
 def gpu() -> TrainConfig:
     """Paper-like setting for one CUDA GPU: ``default`` network at 64³, batch 3, lr 1e-4 → 1e-6, AMP."""
     return TrainConfig(
@@ -364,7 +396,7 @@ def gpu() -> TrainConfig:
 
 
 TRAIN_CONFIGS: Dict[str, Callable[[], TrainConfig]] = {
-    "tiny": tiny, "cpu": cpu, "cpu_finetune": cpu_finetune, "cpu_stats": cpu_stats, "gpu": gpu,
+    "tiny": tiny, "cpu": cpu, "cpu_finetune": cpu_finetune, "cpu_stats": cpu_stats, "cpu_real": cpu_real, "gpu": gpu,
 }
 
 

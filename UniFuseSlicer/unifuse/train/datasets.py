@@ -31,6 +31,12 @@ from .configs import FOLDER_OPTION_KEYS, TrainConfig
 __all__ = ["build_train_set", "build_val_set", "describe_training_data", "data_fingerprint", "samples_per_case",
            "synthetic_pairs"]
 
+#: The layout of the ``unifuse data real`` cache (:class:`unifuse.train.real_crops.RealCrops`). Its validation
+#: split is the benchmark's, so training validates on crops of the training subjects drawn with ``val_seed``.
+REAL_LAYOUT = "unifuse-real"
+#: ``folder_options`` keys passed to :class:`~unifuse.train.real_crops.RealCrops`.
+REAL_OPTION_KEYS = ("spacing_mm", "working_mm", "variants", "none_fraction", "max_rot_deg", "max_trans_mm",
+                    "max_scale", "nonrigid_mm")
 #: ``data_options`` keys that also apply to a dataset folder (misalignment bounds, undegraded fraction).
 _SHARED_OPTION_KEYS = ("none_fraction", "max_rot_deg", "max_trans_mm", "nonrigid_mm")
 
@@ -44,13 +50,19 @@ def synthetic_pairs(split: str, samples: int, size: int, seed: int, options: Opt
 
 def _folder_kwargs(cfg: TrainConfig) -> Dict[str, Any]:
     shared = {k: v for k, v in cfg.data_options.items() if k in _SHARED_OPTION_KEYS}
-    own = {k: v for k, v in cfg.folder_options.items() if k in FOLDER_OPTION_KEYS}
+    own = {k: v for k, v in cfg.folder_options.items()
+           if k in FOLDER_OPTION_KEYS and (k not in REAL_OPTION_KEYS or k in _SHARED_OPTION_KEYS)}
     if "fractions" in own:
         own["fractions"] = tuple(own["fractions"])
     return {**shared, **own}
 
 
 def _folder_pairs(cfg: TrainConfig, split: str, seed: int, length: Optional[int]) -> "Dataset":
+    if cfg.data_layout == REAL_LAYOUT:  # the real-anatomy cache: crops of its training split
+        from .real_crops import RealCrops
+
+        options = {k: v for k, v in cfg.folder_options.items() if k in REAL_OPTION_KEYS}
+        return RealCrops(cfg.data_root, "train", size=cfg.grid, length=length or cfg.val_samples, seed=seed, **options)
     from ..data.folders import FolderPairs
 
     try:
@@ -87,6 +99,8 @@ def build_val_set(cfg: TrainConfig) -> Dataset:
     """The validation set of ``cfg`` (synthetic ``val`` split, or the dataset's validation subjects)."""
     if not cfg.uses_dataset:
         return synthetic_pairs("val", cfg.val_samples, cfg.grid, cfg.val_seed, cfg.data_options)
+    if cfg.data_layout == REAL_LAYOUT:
+        return _folder_pairs(cfg, "val", cfg.val_seed, max(cfg.val_samples, 1))
     val = _folder_pairs(cfg, "val", cfg.val_seed, None)
     val.length = max(cfg.val_samples, len(val.cases))  # every validation case at least once
     return val

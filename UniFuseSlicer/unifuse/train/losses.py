@@ -42,6 +42,7 @@ __all__ = [
     "gaussian_kernel1d",
     "ssim3d_torch",
     "ssim_loss",
+    "loss_restore",
     "gradient3d",
     "loss_ce",
     "loss_moda",
@@ -319,6 +320,14 @@ def loss_rf(
     return terms["ssim"] + terms["inten"] + terms["grad"]
 
 
+def loss_restore(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_res = mean |Â − A| + (1 − SSIM(Â, A)): the restored aligned moving volume Â against the clean moving
+    volume aligned with the reference A (both (B, 1, D, H, W) in [0, 1]). Not in the paper, whose UFR&F
+    outputs the fused volume only; it trains the restoration output (``ModelConfig.restoration_head``)."""
+    _check_pair(restored, target, ("restored", "target"))
+    return (restored - target).abs().mean() + ssim_loss(restored, target)
+
+
 # ------------------------------------------------------------------------------------------ combined
 @dataclass(frozen=True)
 class LossWeights:
@@ -332,6 +341,7 @@ class LossWeights:
         num_negatives: K negatives per anchor in L_moda.
         inten_target: target of L_inten: ``"max"`` (the paper's eq. 12, max(A, R)) or ``"mean"`` ((A + R) / 2;
             see :func:`loss_rf_terms`).
+        restore: weight of :func:`loss_restore` (0: networks without the restoration output).
     """
 
     ce: float = 1.0
@@ -342,9 +352,10 @@ class LossWeights:
     tau: float = 0.1
     num_negatives: int = 32
     inten_target: str = "max"
+    restore: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("ce", "moda", "reg", "rf", "smooth"):
+        for name in ("ce", "moda", "reg", "rf", "smooth", "restore"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"loss weight {name} must be a finite number ≥ 0; got {value}")
@@ -381,6 +392,8 @@ class UniFuseLoss(torch.nn.Module):
         fused: Optional[torch.Tensor] = None,
         aligned_fine: Optional[torch.Tensor] = None,
         reference: Optional[torch.Tensor] = None,
+        restored: Optional[torch.Tensor] = None,
+        restored_target: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         batch_slice: Optional[Tuple[int, int]] = None,
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -392,6 +405,7 @@ class UniFuseLoss(torch.nn.Module):
                 ``[(F̄_D, F̄_R), (F̄'_D, F̄'_R)]``; L_moda is the sum of :func:`loss_moda` over them.
             displacement, displacement_gt: (B, 3, D, H, W) predicted / ground-truth fields (voxels, x, y, z).
             fused, aligned_fine, reference: (B, 1, D, H, W) volumes of :func:`loss_rf`.
+            restored, restored_target: (B, 1, D, H, W) volumes of :func:`loss_restore`.
             generator: CPU generator for L_moda's negative sampling.
             batch_slice: ``(offset, global_batch)`` of these items in a batch split across processes
                 (see :func:`loss_moda`); None = the whole batch is here.
@@ -399,7 +413,7 @@ class UniFuseLoss(torch.nn.Module):
         Returns:
             ``(total, components)``: ``total`` is a scalar tensor to back-propagate; ``components`` maps
             ``"ce"``, ``"moda"``, ``"reg"``, ``"smooth"``, ``"rf"``, ``"rf_ssim"``, ``"rf_inten"``,
-            ``"rf_grad"`` (those computed) and ``"total"`` to floats for logging.
+            ``"rf_grad"``, ``"restore"`` (those computed) and ``"total"`` to floats for logging.
         """
         w = self.weights
         terms: Dict[str, torch.Tensor] = {}
@@ -438,6 +452,10 @@ class UniFuseLoss(torch.nn.Module):
             for key, value in rf_terms.items():
                 terms[f"rf_{key}"] = value
             weighted.append(w.rf * terms["rf"])
+        if w.restore > 0:
+            need("restore", restored=restored, restored_target=restored_target)
+            terms["restore"] = loss_restore(restored, restored_target)
+            weighted.append(w.restore * terms["restore"])
         if not weighted:
             raise ValueError("every loss weight is 0; enable at least one term in LossWeights")
         total = sum(weighted[1:], weighted[0])

@@ -90,7 +90,7 @@ DEGRADATION_STATS_PREFIX = "dapl.stats."
 CALIBRATION_CASES = 64
 
 #: Loss components logged every step (unweighted, as returned by :class:`UniFuseLoss`; ``total`` is weighted).
-LOSS_COMPONENTS = ("total", "ce", "moda", "reg", "smooth", "rf", "rf_ssim", "rf_inten", "rf_grad")
+LOSS_COMPONENTS = ("total", "ce", "moda", "reg", "smooth", "rf", "rf_ssim", "rf_inten", "rf_grad", "restore")
 #: Columns of ``train_log.csv``.
 TRAIN_COLUMNS = ("step", "epoch", "lr", *(f"loss_{c}" for c in LOSS_COMPONENTS), "grad_norm", "step_time_s", "elapsed_s")
 #: Validation metrics (besides the loss components) in ``val_log.csv``.
@@ -530,15 +530,19 @@ class Trainer:
     def _load_initial_weights(self, path: Path) -> None:
         """Start from a trained checkpoint (fine-tuning).
 
-        Its network config must equal this run's, except that a network without ``degradation_stats`` may
-        start a run with it: every trained weight is loaded and the new branch starts as built (its last
-        layer is zero, so the network's outputs are unchanged until it trains).
+        Its network config must equal this run's, except that a network without ``degradation_stats`` or
+        ``restoration_head`` may start a run with them (every trained weight is loaded and the new branch starts
+        as built; the statistics branch's last layer is zero, so the classifier is unchanged until it trains),
+        and ``fa_cell_centred`` may differ (no parameters; the fine-tuning adapts to the fixed upsampling).
         """
         from ..weights import load_checkpoint
 
         ckpt = load_checkpoint(path)
-        grown = self.model_config.degradation_stats and not ckpt.config.degradation_stats
-        source = ckpt.config.replace(degradation_stats=True) if grown else ckpt.config
+        # options a run may add to a checkpoint's network: new parameters start as built
+        growable = {"degradation_stats": DEGRADATION_STATS_PREFIX, "restoration_head": "ufrf.restore_out."}
+        grown = [name for name in growable if getattr(self.model_config, name) and not getattr(ckpt.config, name)]
+        # the FA head's upsampling convention has no parameters: fine-tuning adapts the weights to the fix
+        source = ckpt.config.replace(**{name: True for name in grown}, fa_cell_centred=self.model_config.fa_cell_centred)
         if source != self.model_config:
             raise UniFuseError(
                 f"init_from {path} holds a {ckpt.config.name!r} network ({ckpt.config.to_dict()}) but this run trains "
@@ -546,12 +550,13 @@ class Trainer:
             )
         result = self.model.load_state_dict(ckpt.state_dict, strict=not grown)
         if grown:
-            new = [k for k in result.missing_keys if not k.startswith(DEGRADATION_STATS_PREFIX)]
+            prefixes = tuple(growable[name] for name in grown)
+            new = [k for k in result.missing_keys if not k.startswith(prefixes)]
             if new or result.unexpected_keys:
                 raise UniFuseError(
                     f"init_from {path} does not fit this network: missing {new}, unexpected {result.unexpected_keys}"
                 )
-            self._say(f"init_from {path.name}: added the degradation-statistics branch ({DEGRADATION_STATS_PREFIX}*)")
+            self._say(f"init_from {path.name}: added {', '.join(grown)} ({', '.join(p + '*' for p in prefixes)})")
         self.init_info = describe_source_checkpoint(ckpt)
 
     def _calibrate_degradation_statistics(self) -> None:
@@ -634,6 +639,8 @@ class Trainer:
             fused=out.fused.float(),
             aligned_fine=warp(moving_clean, displacement),
             reference=reference,
+            restored=None if out.restored is None else out.restored.float(),
+            restored_target=aligned_clean_gt,
             generator=generator,
             batch_slice=batch_slice,
         )
