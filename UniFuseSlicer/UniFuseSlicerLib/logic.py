@@ -74,11 +74,14 @@ __all__ = [
 
 #: Output roles stored in scalar volume nodes.
 VOLUME_ROLES: Tuple[str, ...] = ("fused", "aligned", "error_map", "error_map_before", "jacobian")
+#: Outputs only some networks write (``restored``: networks with the restoration output); absent otherwise.
+OPTIONAL_ROLES: Tuple[str, ...] = ("restored",)
 #: All output roles (``displacement`` is a grid transform node).
 ROLES: Tuple[str, ...] = ("fused", "aligned", "displacement", "error_map", "error_map_before", "jacobian")
 #: Output node name suffixes (after the moving volume's name).
 _NAME_SUFFIX = {
     "fused": "fused",
+    "restored": "restored",
     "aligned": "aligned",
     "displacement": "UniFuse transform",
     "error_map": "alignment error after",
@@ -107,6 +110,7 @@ class OutputNodes:
     error_map: Optional[Any] = None
     error_map_before: Optional[Any] = None
     jacobian: Optional[Any] = None
+    restored: Optional[Any] = None
 
     def get(self, role: str) -> Optional[Any]:
         return getattr(self, role)
@@ -121,7 +125,7 @@ class OutputNodes:
         if nodes is None:
             return cls()
         kept = {}
-        for role in ROLES:
+        for role in ROLES + OPTIONAL_ROLES:
             node = nodes.node(role)
             scene = node.GetScene() if node is not None else None
             if node is None or scene is None or not scene.IsNodePresent(node) or any(node is n for n in exclude):
@@ -132,7 +136,7 @@ class OutputNodes:
     def merged(self, fallback: "OutputNodes") -> "OutputNodes":
         """These selections, with ``fallback``'s node for every role left None here."""
         return OutputNodes(**{role: self.get(role) if self.get(role) is not None else fallback.get(role)
-                              for role in ROLES})
+                              for role in ROLES + OPTIONAL_ROLES})
 
     def count(self) -> int:
         """Number of roles with a node."""
@@ -150,6 +154,8 @@ class FusionNodes:
         folder_item: subject-hierarchy folder holding the outputs.
         degradation: degradation class the core used; probabilities: classifier output per class.
         report: the core's run report (device, timings, model, ...).
+        restored: ``vtkMRMLScalarVolumeNode`` of the restored aligned moving volume, or None (networks without
+            the restoration output write none; a new node per run).
     """
 
     reference: Any
@@ -164,15 +170,17 @@ class FusionNodes:
     degradation: str
     probabilities: Dict[str, float] = field(default_factory=dict)
     report: Dict[str, Any] = field(default_factory=dict)
+    restored: Any = None
 
     def node(self, role: str) -> Any:
-        """Output node of ``role`` (one of :data:`ROLES`)."""
-        if role not in ROLES:
-            raise KeyError(f"unknown output role {role!r}; use one of {ROLES}")
+        """Output node of ``role`` (one of :data:`ROLES` or :data:`OPTIONAL_ROLES`; None when not produced)."""
+        if role not in ROLES + OPTIONAL_ROLES:
+            raise KeyError(f"unknown output role {role!r}; use one of {ROLES + OPTIONAL_ROLES}")
         return getattr(self, role)
 
     def output_nodes(self) -> Dict[str, Any]:
-        return {role: self.node(role) for role in ROLES}
+        """Every output node this run produced, by role."""
+        return {role: self.node(role) for role in ROLES + OPTIONAL_ROLES if self.node(role) is not None}
 
     def summary(self) -> str:
         return format_summary(self.degradation, self.probabilities, self.report)
@@ -225,7 +233,7 @@ def _require_inputs(reference_node: Any, moving_node: Any) -> None:
 
 def _validate_outputs(outputs: "OutputNodes", reference_node: Any, moving_node: Any) -> None:
     """Selected output nodes must have the right type and must not be an input."""
-    for role in ROLES:
+    for role in ROLES + OPTIONAL_ROLES:
         node = outputs.get(role)
         if node is None:
             continue
@@ -417,6 +425,9 @@ class FusionLogic:
         # Every output overwrites a node of one earlier run ("update the previous result"): keep that run's
         # folder, so a rerun adds nothing to the scene or the subject hierarchy.
         reused_folder = hierarchy.reusable_output_folder([outputs.get(role) for role in ROLES])
+        if getattr(result, "restored", None) is None and outputs.get("restored") is not None:
+            # this run has no restored output: the earlier run's restored node must not pass as this run's
+            self.scene.RemoveNode(outputs.get("restored"))
         self.scene.StartState(slicer.vtkMRMLScene.BatchProcessState)
         try:
             nodes: Dict[str, Any] = {}
@@ -434,6 +445,12 @@ class FusionLogic:
 
             display.configure_intensity_display(nodes["fused"])
             display.configure_intensity_display(nodes["aligned"])
+            if getattr(result, "restored", None) is not None:
+                nodes["restored"] = image_to_volume_node(
+                    result.restored, self.scene, f"{base} {_NAME_SUFFIX['restored']}", node=outputs.get("restored"),
+                    create_display_node=True,
+                    image_data=prepared.image_data.get("restored") if prepared else None)
+                display.configure_intensity_display(nodes["restored"])
             for role in ("error_map", "error_map_before"):
                 display.configure_colormap_display(nodes[role], display.ERROR_MAP_TABLE, _LEGEND_TITLE[role])
             display.configure_colormap_display(nodes["jacobian"], display.JACOBIAN_TABLE, _LEGEND_TITLE["jacobian"])
@@ -446,7 +463,7 @@ class FusionLogic:
                 folder_item = reused_folder
             else:
                 folder_item = hierarchy.create_output_folder(reference_node, moving_node, attributes, report)
-            hierarchy.place_in_folder([nodes[r] for r in ROLES], folder_item)
+            hierarchy.place_in_folder([nodes[r] for r in (*ROLES, *OPTIONAL_ROLES) if r in nodes], folder_item)
         except Exception:
             # Roll back: the folder item (when this call created it), then every node this call added
             # (outputs, display, legend, colour table and storage nodes).
@@ -516,7 +533,7 @@ class FusionLogic:
 
         Returns None when the node is not a UniFuse output or the run is incomplete (a node was deleted).
         """
-        if output_node is None or output_node.GetAttribute(hierarchy.ROLE_ATTRIBUTE) not in ROLES:
+        if output_node is None or output_node.GetAttribute(hierarchy.ROLE_ATTRIBUTE) not in ROLES + OPTIONAL_ROLES:
             return None
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
         item = sh.GetItemByDataNode(output_node)
@@ -528,11 +545,11 @@ class FusionLogic:
         for child in children:
             node = sh.GetItemDataNode(child)
             role = node.GetAttribute(hierarchy.ROLE_ATTRIBUTE) if node is not None else None
-            if role in ROLES and role not in nodes:
+            if role in ROLES + OPTIONAL_ROLES and role not in nodes:
                 nodes[role] = node
         reference = self.scene.GetNodeByID(output_node.GetAttribute("UniFuse.ReferenceID") or "")
         moving = self.scene.GetNodeByID(output_node.GetAttribute("UniFuse.MovingID") or "")
-        if set(nodes) != set(ROLES) or reference is None or moving is None:
+        if not set(ROLES) <= set(nodes) or reference is None or moving is None:
             return None
         report_text = sh.GetItemAttribute(folder, "UniFuse.Report")
         report = json.loads(report_text) if report_text else {}
@@ -635,7 +652,8 @@ def prepare_cli_outputs(out_dir: Union[str, Path], reference_geometry: Tuple[Any
 
 def prepare_images(images: Dict[str, sitk.Image], report: Dict[str, Any], reference_geometry: Tuple[Any, ...]) -> PreparedOutputs:
     """:func:`prepare_cli_outputs` for images already in memory (modified in place: snapped to the grid)."""
-    snapped = {role: _snap_to_grid(images[role], reference_geometry, role) for role in IMAGE_OUTPUT_FILES}
+    snapped = {role: _snap_to_grid(images[role], reference_geometry, role) for role in IMAGE_OUTPUT_FILES
+               if role in images}
     for role in VOLUME_ROLES:
         image = snapped[role]
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -644,7 +662,8 @@ def prepare_images(images: Dict[str, sitk.Image], report: Dict[str, Any], refere
         images=snapped,
         report=dict(report),
         grid_transform=displacement_to_grid_transform(snapped["displacement"]),
-        image_data={role: image_data_from_image(snapped[role]) for role in VOLUME_ROLES},
+        image_data={role: image_data_from_image(snapped[role]) for role in (*VOLUME_ROLES, *OPTIONAL_ROLES)
+                    if role in snapped},
     )
 
 
@@ -658,11 +677,14 @@ def read_cli_outputs(out_dir: Union[str, Path]) -> Tuple[Dict[str, sitk.Image], 
         InputImageError: a file is missing or unreadable.
     """
     out_dir = Path(out_dir)
-    missing = [name for name in [*OUTPUT_FILES.values(), REPORT_FILE] if not (out_dir / name).is_file()]
+    required = [name for role, name in OUTPUT_FILES.items() if role not in OPTIONAL_ROLES] + [REPORT_FILE]
+    missing = [name for name in required if not (out_dir / name).is_file()]
     if missing:
         raise InputImageError(f"the UniFuse run did not write {', '.join(missing)} into {out_dir}; see the log")
     images = {}
     for role, name in IMAGE_OUTPUT_FILES.items():
+        if role in OPTIONAL_ROLES and not (out_dir / name).is_file():
+            continue
         try:
             images[role] = sitk.ReadImage(str(out_dir / name))
         except RuntimeError as error:
