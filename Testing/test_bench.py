@@ -67,13 +67,19 @@ def test_quick_bench_writes_tables_json_and_figures(tmp_path: Path, capsys: pyte
     assert data["unavailable"] == {}
     assert available == ["none", "sitk-rigid", "sitk-bspline"]
     fusion_methods = {r["method"] for r in data["fusion"]}
-    expected = {"unifuse"} | {f"{reg}+{rule}" for reg in [*available, "truth"] for rule in ("average", "max", "laplacian")}
+    rules = ("average", "max", "laplacian")
+    expected = {"unifuse"} | {f"{reg}+{rule}" for reg in [*available, "truth"] for rule in rules}
+    expected |= {f"unifuse alignment+{rule}" for rule in rules}  # UniFuse's own final alignment, fused by rule
     assert fusion_methods == expected
     assert {r["method"] for r in data["alignment"]} == {"unifuse", *available, "truth"}
     for row in data["fusion"]:
         assert set(row["metrics"]) == set(FUSION_KEYS)
         assert row["metrics"]["q_vif"] is None  # 32³ < 41 voxels: undefined, written as null
         assert 0 < row["seconds"] < elapsed and "rss_increase_mb" in row  # measured, within the run
+    unifuse_row = next(r for r in data["alignment"] if r["method"] == "unifuse")
+    outputs = unifuse_row["outputs"]  # sharpness of the fused volume, and restoration against the clean truth
+    assert 0 < outputs["fused"]["gradient_ratio"] < 10 and -1 <= outputs["fused"]["ssim_truth"] <= 1
+    assert {"psnr_aligned", "psnr_restored", "ssim_aligned", "ssim_restored", "gradient_ratio"} <= set(outputs["restored"])
     for row in data["alignment"]:
         assert set(row["metrics"]) == set(ALIGNMENT_KEYS)
         assert 0 < row["seconds"] < elapsed

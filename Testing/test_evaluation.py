@@ -221,3 +221,26 @@ def test_working_grid_case_converts_voxels_to_mm() -> None:
     values = ev.evaluate_alignment(case, None, ev.zero_displacement(case.reference))
     assert values["epe_mm"] == pytest.approx(2.5) and values["folding_percent"] == 0.0
     assert case.moving_norm.apply(np.array([0.25, 2.0])).tolist() == [0.25, 1.0]  # already [0, 1]: unchanged
+
+
+def test_restoration_and_sharpness_against_the_clean_truth():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:32, :32, :32]
+    ball = (((z - 16) ** 2 + (y - 16) ** 2 + (x - 16) ** 2) < 100).astype(np.float32)
+    label = (0.3 + 0.5 * ball * (1 + np.sin(x / 2.0)) / 2).astype(np.float32) * (ball > 0)
+    case = ev.EvaluationCase.from_working_grid(ball, label, 2.0, truth_voxels=np.zeros((3, 32, 32, 32), np.float32),
+                                               truth_aligned=label)
+    noisy = np.clip(label + rng.normal(0, 0.1, label.shape), 0, 1).astype(np.float32)
+    r = ev.evaluate_restoration(case, label.copy(), noisy)
+    assert r["psnr_restored"] > 60 and r["ssim_restored"] == pytest.approx(1.0, abs=1e-6)
+    assert r["psnr_aligned"] < 25 and r["ssim_aligned"] < 0.9
+    blurred = ndimage.gaussian_filter(label, 1.5)
+    sharp = ev.evaluate_output_sharpness(case, label, (label,))
+    soft = ev.evaluate_output_sharpness(case, blurred, (label,))
+    assert sharp["gradient_ratio"] == pytest.approx(1.0) and soft["gradient_ratio"] < 0.8
+    assert soft["ssim_truth"] < sharp["ssim_truth"] == pytest.approx(1.0, abs=1e-6)
+    no_label = ev.EvaluationCase(case.reference, case.moving)
+    with pytest.raises(InputImageError, match="clean aligned label"):
+        ev.evaluate_restoration(no_label, label, noisy)

@@ -57,12 +57,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry
+from . import error_maps, geometry, metrics
+from .bench.cases import moving_pose_labels
 from .errors import GeometryError, InputImageError
 from .intensity import IntensityNormalization, foreground_mask, normalize_image
 
@@ -84,7 +85,10 @@ __all__ = [
     "reduction_percent",
     "evaluate_alignment",
     "evaluate_fusion",
+    "evaluate_output_sharpness",
+    "evaluate_restoration",
     "fused_to_unit",
+    "mean_gradient",
 ]
 
 #: One-line statement of the evaluation-mask rule, for reports.
@@ -287,8 +291,6 @@ def label_dice(moving_labels: sitk.Image, reference_labels: sitk.Image, displace
         ``{"mean": mean Dice over the labels, "per_label": {label: Dice}}``; labels are the non-zero values of
         the reference labels inside ``region``.
     """
-    from .metrics import dice
-
     warped = warp_labels(moving_labels, displacement, reference_labels)
     truth = sitk.GetArrayViewFromImage(reference_labels)
     if region is not None:
@@ -297,7 +299,7 @@ def label_dice(moving_labels: sitk.Image, reference_labels: sitk.Image, displace
     if not labels:
         raise InputImageError("the reference labels hold no non-zero label inside the evaluated region; check "
                               "reference_labels (0 = background)")
-    values = dice(np.asarray(warped, dtype=np.int64), np.asarray(truth, dtype=np.int64), labels)
+    values = metrics.dice(np.asarray(warped, dtype=np.int64), np.asarray(truth, dtype=np.int64), labels)
     mean = values.pop("mean")
     return {"mean": float(mean), "per_label": {int(k): float(v) for k, v in values.items()}}
 
@@ -312,8 +314,6 @@ def folding_percent(displacement: Field, reference: Optional[sitk.Image] = None,
         jacobian: the determinant image already computed by
             :func:`unifuse.error_maps.jacobian_determinant_image` (the pipeline's ``result.jacobian``).
     """
-    from . import error_maps, metrics
-
     if jacobian is None:
         grid = displacement if isinstance(displacement, sitk.Image) else reference
         if grid is None:
@@ -466,8 +466,6 @@ class EvaluationCase:
     @property
     def moving_labels(self) -> Optional[sitk.Image]:
         if self._moving_labels is None and self.reference_labels is not None and self.truth_displacement is not None:
-            from .bench.cases import moving_pose_labels
-
             self._moving_labels = moving_pose_labels(sitk.Cast(self.reference_labels, sitk.sitkUInt8),
                                                      self.truth_displacement, self.moving)
         return self._moving_labels
@@ -520,8 +518,6 @@ def evaluate_alignment(case: Any, aligned: Optional[sitk.Image], displacement: F
         ``epe_max_mm`` (true field), ``dice`` (mean) and ``dice_per_label`` (labels), ``mse``, ``cc``, ``ssim``
         (true field), always ``folding_percent``, and ``mind`` when asked.
     """
-    from .metrics import alignment_metrics
-
     case = as_evaluation_case(case)
     out: Dict[str, Any] = {}
     if case.truth_displacement is not None:
@@ -535,12 +531,10 @@ def evaluate_alignment(case: Any, aligned: Optional[sitk.Image], displacement: F
     if aligned is None and (case.truth_displacement is not None or mind):
         aligned = warp_moving(case, displacement)
     if case.truth_displacement is not None:
-        out.update(alignment_metrics(case.moving_u(aligned), case.truth_warped_u))
+        out.update(metrics.alignment_metrics(case.moving_u(aligned), case.truth_warped_u))
     if mind:
-        from .error_maps import local_dissimilarity
-
         keep = sitk.GetArrayViewFromImage(case.mind_mask) > 0
-        dis = sitk.GetArrayViewFromImage(local_dissimilarity(case.reference, aligned, mask=case.mind_mask))
+        dis = sitk.GetArrayViewFromImage(error_maps.local_dissimilarity(case.reference, aligned, mask=case.mind_mask))
         out["mind"] = float(dis[keep].mean()) if keep.any() else math.nan
     return out
 
@@ -565,8 +559,6 @@ def evaluate_fusion(case: Any, fused_u: np.ndarray, sources: Optional[Iterable[n
     Raises:
         InputImageError: the case has no clean aligned label.
     """
-    from .metrics import fusion_metrics
-
     if sources is None:
         case = as_evaluation_case(case)
         if case.label_u is None:
@@ -575,4 +567,44 @@ def evaluate_fusion(case: Any, fused_u: np.ndarray, sources: Optional[Iterable[n
         a, b = case.reference_u, case.label_u
     else:
         a, b = sources
-    return fusion_metrics(a, b, fused_u)
+    return metrics.fusion_metrics(a, b, fused_u)
+
+
+def mean_gradient(volume_u: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """Mean gradient magnitude (intensity per mm) of a (z, y, x) volume inside ``mask``; ``spacing_mm`` (x, y, z)."""
+    grads = np.gradient(np.asarray(volume_u, dtype=np.float32), *[float(s) for s in reversed(tuple(spacing_mm))])
+    return float(np.sqrt(sum(g * g for g in grads))[mask].mean())
+
+
+def evaluate_output_sharpness(case: Any, volume_u: np.ndarray, sources: Iterable[np.ndarray]) -> Dict[str, float]:
+    """``gradient_ratio``: mean gradient magnitude of ``volume_u`` inside the evaluation mask over the sharper
+    of ``sources``' (issue 12: fused and restored volumes must keep ≥ 0.9 of the sharper source's detail);
+    ``ssim_truth``: SSIM of ``volume_u`` against the clean aligned label (noise must not count as detail).
+    All volumes in [0, 1] on the reference grid."""
+    case = as_evaluation_case(case)
+    spacing = case.reference.GetSpacing()
+    sharpest = max(mean_gradient(s, case.mask, spacing) for s in sources)
+    out = {"gradient_ratio": mean_gradient(volume_u, case.mask, spacing) / max(sharpest, 1e-12)}
+    if case.label_u is not None:
+        out["ssim_truth"] = metrics.ssim3d(volume_u, case.label_u)
+    return out
+
+
+def evaluate_restoration(case: Any, restored_u: np.ndarray, aligned_u: np.ndarray) -> Dict[str, float]:
+    """PSNR (dB) and SSIM of the restored and of the (unrestored) aligned moving volume against the clean
+    aligned label, inside the evaluation mask for PSNR; all in [0, 1] on the reference grid.
+
+    Raises:
+        InputImageError: the case has no clean aligned label.
+    """
+    case = as_evaluation_case(case)
+    if case.label_u is None:
+        raise InputImageError(f"case {case.name or '(unnamed)'} has no clean aligned label, so restoration "
+                              "cannot be evaluated")
+    m = case.mask
+
+    def psnr(x: np.ndarray) -> float:
+        return float(10.0 * np.log10(1.0 / max(float(np.mean((x[m] - case.label_u[m]) ** 2)), 1e-12)))
+
+    return {"psnr_aligned": psnr(aligned_u), "psnr_restored": psnr(restored_u),
+            "ssim_aligned": metrics.ssim3d(aligned_u, case.label_u), "ssim_restored": metrics.ssim3d(restored_u, case.label_u)}

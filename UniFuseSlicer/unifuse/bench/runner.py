@@ -36,12 +36,17 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
-from .. import __version__
+from .. import __version__, geometry
+from ..data.synthetic import make_demo_case
 from ..errors import UniFuseError
+from ..fusion_rules import fuse_average, fuse_laplacian_pyramid, fuse_max
 from ..options import FuseOptions
+from ..pipeline import UNTRAINED_WARNING, fuse, load_model, resolve_device
 from ..procfs import cpu_model, proc_bytes
-from ..evaluation import MASK_RULE, EvaluationCase, as_evaluation_case, evaluate_alignment, evaluate_fusion
+from ..evaluation import (MASK_RULE, EvaluationCase, as_evaluation_case, evaluate_alignment, evaluate_fusion,
+                          evaluate_output_sharpness, evaluate_restoration)
 from ..evaluation import reduction_percent
 from ..metrics import FUSION_METRIC_KEYS
 from .baselines import (FULL_SETTINGS, QUICK_SETTINGS, REAL_SETTINGS, REGISTRATION_METHODS, RegistrationSettings,
@@ -49,7 +54,7 @@ from .baselines import (FULL_SETTINGS, QUICK_SETTINGS, REAL_SETTINGS, REGISTRATI
 from .cases import (BENCH_FIRST_SEED, BENCH_TASKS, REAL_CATEGORIES, BenchCase, folder_cases, real_cases,
                     synthetic_cases)
 from .measure import Measurement, measure, memory_method
-from .report import guard_text
+from .report import guard_text, summarize
 
 __all__ = [
     "UNIFUSE",
@@ -168,8 +173,6 @@ class BenchOptions:
         if size < 16 or (cases is not None and int(cases) < 1):
             raise UniFuseError(f"--size must be ≥ 16 voxels and --cases ≥ 1; got size {size}, cases {cases}")
         if self.spacing_mm is not None:
-            from ..options import FuseOptions
-
             FuseOptions(spacing_mm=self.spacing_mm)  # validates the range (one-line UniFuseError)
         cache = Path(self.cache) if self.cache is not None else (Path("real_data") if self.real else None)
         threads = int(self.threads or os.cpu_count() or 1)
@@ -204,16 +207,12 @@ class BenchResults:
     examples: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, Any]:
-        from .report import summarize
-
         return {"meta": self.meta, "unavailable": self.unavailable, "summary": summarize(self),
                 "fusion": self.fusion, "alignment": self.alignment, "failures": self.failures}
 
 
 def machine_description() -> Dict[str, Any]:
     """CPU model, core count, RAM, OS, Python/torch/SimpleITK versions and the GPU (if any)."""
-    import torch
-
     ram = proc_bytes("/proc/meminfo", "MemTotal")
     gpu = None
     if torch.cuda.is_available():
@@ -250,8 +249,6 @@ def _field_transform(displacement: sitk.Image) -> sitk.Transform:
 
 
 def _fuse_rule(rule: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from ..fusion_rules import fuse_average, fuse_laplacian_pyramid, fuse_max
-
     return {"average": fuse_average, "max": fuse_max, "laplacian": fuse_laplacian_pyramid}[rule](a, b)
 
 
@@ -297,9 +294,6 @@ def _cases(opts: BenchOptions, log: Log) -> Iterable[BenchCase]:
 def _warm_up(loaded: Any, device: Any, opts: BenchOptions, variants: Sequence[str], log: Log) -> None:
     """One untimed pipeline run per refinement setting on a small synthetic pair, so that one-off
     initialisation (lazy imports, torch kernels) is not timed as the first case's."""
-    from ..data.synthetic import make_demo_case
-    from ..pipeline import fuse
-
     if not variants:
         return
     demo = make_demo_case(size=24, task="t1-t2-motion", seed=BENCH_FIRST_SEED)
@@ -323,11 +317,6 @@ def run_benchmark(options: BenchOptions, log: Optional[Log] = None) -> BenchResu
         :class:`BenchResults`. A method that raises on a case is recorded in ``failures`` and the run goes on;
         a method that cannot run here at all is listed in ``unavailable`` with the reason.
     """
-    import torch
-
-    from ..options import FuseOptions
-    from ..pipeline import load_model, resolve_device
-
     log = log or (lambda line: print(line, flush=True))
     opts = options.resolved()
     torch.set_num_threads(opts.threads)
@@ -355,8 +344,6 @@ def run_benchmark(options: BenchOptions, log: Optional[Log] = None) -> BenchResu
                       "source": loaded.source,
                       "spacing_mm": FuseOptions(spacing_mm=opts.spacing_mm).working_spacing_mm}
         if not loaded.trained:
-            from ..pipeline import UNTRAINED_WARNING
-
             model_info["warning"] = UNTRAINED_WARNING
             log(f"WARNING: {UNTRAINED_WARNING}")
         log(f"UniFuse model {loaded.model_id} ({'trained' if loaded.trained else 'UNTRAINED'}) on {device}")
@@ -407,8 +394,6 @@ class _CaseRun:
         self.base = {"case": case.name, "task": case.task}
         self.example: Optional[Dict[str, Any]] = None
         if case.task not in results.examples:
-            from .. import geometry
-
             ev = data.ev
             pre = geometry.resample(case.moving, case.reference, default=float(ev.moving_norm.low))
             self.example = {"case": case.name, "reference": _mid(ev.reference_u), "moving": _mid(ev.moving_u(pre)),
@@ -470,8 +455,6 @@ def _run_case(case: BenchCase, opts: BenchOptions, variants: Sequence[str], regi
 
 def _run_variant(name: str, rec: _CaseRun, opts: BenchOptions, loaded: Any, device: Any) -> None:
     """One UniFuse pipeline run (:data:`PIPELINE_VARIANTS`) on the case: alignment row (+ fusion row)."""
-    from ..pipeline import fuse
-
     case = rec.data.case
     overrides = PIPELINE_VARIANTS[name][0]
     try:
@@ -487,16 +470,36 @@ def _run_variant(name: str, rec: _CaseRun, opts: BenchOptions, loaded: Any, devi
             "warnings": report.get("warnings", [])})
         if rec.fusion or not opts.real:  # synthetic/pairs: UniFuse's own fused volume always has a row
             rec.fusion_row(name, name, name, sitk.GetArrayFromImage(result.fused), m.seconds, _memory(m))
+        if rec.fusion and rec.data.ev.label_u is not None:  # the same final alignment fused by each rule
+            _unifuse_outputs(name, rec, opts, result, values)
     except Exception as exc:  # one failing run must not end the benchmark; it is listed under failures
         rec.fail(name, exc)
         return
     rec.log(f"  {name:<20} {m.seconds:7.2f} s  {_short(values)}  [guard: {guard_text(report['alignment'])}]")
 
 
+def _unifuse_outputs(name: str, rec: _CaseRun, opts: BenchOptions, result: Any, values: Dict[str, Any]) -> None:
+    """Rows ``<variant> alignment+<rule>`` (UniFuse's own final alignment fused by each rule: what the
+    network's fusion must beat) and, in the variant's alignment row, the fused/restored volumes' sharpness and
+    the restoration's PSNR/SSIM against the clean truth (issue 12)."""
+    ev = rec.data.ev
+    aligned_u = ev.moving_u(result.aligned)
+    row = next(r for r in reversed(rec.results.alignment) if r["method"] == name and r["case"] == rec.base["case"])
+    row["outputs"] = {"fused": evaluate_output_sharpness(ev, sitk.GetArrayFromImage(result.fused),
+                                                         (ev.reference_u, ev.label_u))}
+    if result.restored is not None:
+        restored_u = ev.moving_norm.apply(sitk.GetArrayViewFromImage(result.restored)) \
+            if result.report.get("restored") == "moving units" else sitk.GetArrayFromImage(result.restored)
+        row["outputs"]["restored"] = {**evaluate_output_sharpness(ev, restored_u, (ev.label_u,)),
+                                      **evaluate_restoration(ev, restored_u, aligned_u)}
+    for rule in opts.rules:
+        with measure() as mr:
+            fused = _fuse_rule(rule, ev.reference_u, aligned_u)
+        rec.fusion_row(f"{name} alignment+{rule}", name, rule, fused, mr.seconds, _memory(mr))
+
+
 def _run_registration(name: str, rec: _CaseRun, opts: BenchOptions) -> None:
     """One registration baseline (or the oracle field): alignment row, then one fusion row per rule."""
-    from .. import geometry
-
     data, case = rec.data, rec.data.case
     low = float(data.ev.moving_norm.low)
     try:
