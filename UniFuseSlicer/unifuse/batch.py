@@ -62,9 +62,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
 from .config import DEGRADATION_CLASSES
 from .errors import CancelledError, OutputLockedError, UniFuseError
-from .options import FuseOptions
+from .options import FuseOptions, add_cli_arguments
+from .outputs import claim_output_dir, result_files, write_outputs
+from .pipeline import OUTPUT_FILES, REPORT_FILE, fuse, load_model, resolve_device
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -286,14 +292,10 @@ def shard_cases(cases: Sequence[BatchCase], shard: Optional[Tuple[int, int]]) ->
 
 # ------------------------------------------------------------------------------------------- outputs
 def _output_names() -> List[str]:
-    from .pipeline import OUTPUT_FILES, REPORT_FILE
-
     return [*OUTPUT_FILES.values(), REPORT_FILE]
 
 
 def _read_report(folder: Path) -> Optional[Dict[str, Any]]:
-    from .pipeline import REPORT_FILE
-
     try:
         report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -387,8 +389,6 @@ def _in_batch_folder(action: Callable[[], T]) -> T:
 def _write_tables(out: Path, names: Tuple[str, str], rows: List[Dict[str, Any]],
                   failures: List[Dict[str, Any]]) -> Tuple[Path, Path]:
     """Write the summary and failures CSVs through the shared writer (all or nothing, replacing earlier ones)."""
-    from .outputs import write_outputs
-
     payload = {names[0]: _csv_text(SUMMARY_COLUMNS, rows), names[1]: _csv_text(FAILURE_COLUMNS, failures)}
     written = _in_batch_folder(lambda: write_outputs(out, payload, overwrite=True))
     return written[names[0]], written[names[1]]
@@ -397,14 +397,11 @@ def _write_tables(out: Path, names: Tuple[str, str], rows: List[Dict[str, Any]],
 # ------------------------------------------------------------------------------------------- workers
 def _worker_devices(options: FuseOptions, workers: Optional[int]) -> Tuple[List[str], List[str]]:
     """(device of each worker, notes): CPU: ``workers`` (default 1) threads on ``cpu``; CUDA: one per GPU."""
-    from .pipeline import resolve_device
-
     if workers is not None and workers < 1:
         raise UniFuseError(f"--workers must be at least 1 (got {workers})")
     device = resolve_device(options.device)
     if device.type != "cuda":
         return ["cpu"] * (workers or 1), []
-    import torch
 
     explicit = ":" in str(options.device)
     gpus = [device.index or 0] if explicit else list(range(torch.cuda.device_count()))
@@ -417,8 +414,6 @@ def _worker_devices(options: FuseOptions, workers: Optional[int]) -> Tuple[List[
 
 def _load_models(options: FuseOptions, devices: Sequence[str]) -> Dict[str, Any]:
     """One :class:`~unifuse.pipeline.LoadedModel` per distinct device (loaded once, shared by its workers)."""
-    from .pipeline import load_model
-
     return {d: load_model(options.weights, options.config, d, options.seed) for d in dict.fromkeys(devices)}
 
 
@@ -431,9 +426,6 @@ class _CpuThreads:
 
     def __enter__(self) -> "_CpuThreads":
         if self.workers > 1:
-            import SimpleITK as sitk
-            import torch
-
             per = max(1, (os.cpu_count() or 1) // self.workers)
             self.saved = (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
             torch.set_num_threads(per)
@@ -442,9 +434,6 @@ class _CpuThreads:
 
     def __exit__(self, *exc: Any) -> None:
         if self.saved is not None:
-            import SimpleITK as sitk
-            import torch
-
             torch.set_num_threads(self.saved[0])
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self.saved[1])
 
@@ -452,9 +441,6 @@ class _CpuThreads:
 def _fuse_case(case: BatchCase, out: Path, options: FuseOptions, model: Any, overwrite: bool,
                cancel: Callable[[], bool]) -> Dict[str, Any]:
     """Process one case (skip it when finished); returns its summary row. Failures become rows too."""
-    from .outputs import claim_output_dir, result_files
-    from .pipeline import fuse
-
     folder = out / case.case_id
     if not overwrite and is_finished(folder):
         return summary_row(case, _read_report(folder), "finished-before", folder)
@@ -480,8 +466,6 @@ def _fuse_case(case: BatchCase, out: Path, options: FuseOptions, model: Any, ove
 def _progress_bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True, desc="fuse-batch")
 
 
@@ -549,8 +533,6 @@ def run_batch(
         ManifestError: the manifest is unusable; UniFuseError: the output folder or the network is unusable
         (nothing was processed).
     """
-    from .outputs import claim_output_dir
-
     t0 = time.perf_counter()
     options = options or FuseOptions()
     out_dir = Path(out).expanduser()
@@ -603,8 +585,6 @@ def run_batch(
 # ------------------------------------------------------------------------------------------- CLI
 def add_batch_parser(subparsers: "argparse._SubParsersAction") -> None:
     """Add the ``fuse-batch`` sub-command (with the :class:`FuseOptions` flags) to a sub-parser collection."""
-    from .options import add_cli_arguments
-
     p = subparsers.add_parser(
         "fuse-batch", help="fuse every pair of a CSV manifest (resumable; summary.csv; --shard for clusters)",
         description="Fuse every row (id, reference, moving, degradation) of MANIFEST into OUT/<id>/; finished cases "

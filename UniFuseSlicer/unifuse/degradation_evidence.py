@@ -50,6 +50,7 @@ from scipy import ndimage
 
 from .config import DEGRADATION_CLASSES
 from .intensity import CT_AIR_FRACTION, CT_AIR_HU, looks_like_ct
+from .weights import models_dir
 
 __all__ = [
     "FEATURES",
@@ -754,8 +755,6 @@ class Calibration:
 
 def calibration_path() -> Path:
     """The shipped calibration file (``UniFuseSlicer/Resources/Models/degradation_evidence.json``)."""
-    from .weights import models_dir
-
     return models_dir() / CALIBRATION_NAME
 
 

@@ -15,8 +15,15 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import SimpleITK as sitk
 
+from .data.synthetic import make_demo_case
+from .evaluation import (MASK_RULE, as_evaluation_case, evaluate_alignment, evaluate_fusion, fused_to_unit,
+                         reduction_percent, warp_moving, zero_displacement)
+from .fusion_rules import fuse_average, fuse_max
+from .geometry import resample
 from .options import FuseOptions
+from .outputs import claim_output_dir, result_files, write_outputs
 from .pipeline import OUTPUT_FILES, REPORT_FILE, FusionResult, fuse
+from .snapshots import save_montage
 
 DEMO_INPUTS = {"reference": "reference.nii.gz", "moving": "moving.nii.gz",
                "moving_clean": "truth_moving_aligned_clean.nii.gz", "displacement_gt": "truth_displacement.nii.gz"}
@@ -33,10 +40,6 @@ def evaluate_against_truth(case: Any, result: FusionResult) -> Dict[str, Any]:
     the aligned moving volume against the moving volume resampled through the true field; and the fusion metrics
     of the fused volume against (reference, clean aligned label), next to no registration + average / max.
     """
-    from .evaluation import (MASK_RULE, as_evaluation_case, evaluate_alignment, evaluate_fusion, fused_to_unit,
-                             reduction_percent, warp_moving, zero_displacement)
-    from .fusion_rules import fuse_average, fuse_max
-
     ev = as_evaluation_case(case)
     identity = zero_displacement(ev.reference)
     pre_aligned = warp_moving(ev, identity)  # header geometry only
@@ -115,8 +118,6 @@ def run_demo(
     ``out_dir`` is claimed (checked and locked, :mod:`unifuse.outputs`) before the case is built, and every
     file is written at the end in one verified, all-or-nothing step.
     """
-    from .outputs import claim_output_dir
-
     names = [*DEMO_INPUTS.values(), *OUTPUT_FILES.values(), REPORT_FILE, METRICS_FILE, MONTAGE_FILE]
     with claim_output_dir(out_dir, names, overwrite) as claim:
         return _demo_into(claim, task, size, seed, options, progress, stream or sys.stdout)
@@ -125,10 +126,6 @@ def run_demo(
 def _demo_into(claim: Any, task: str, size: Optional[int], seed: int, options: Optional[FuseOptions],
                progress: Optional[Callable[[float, str], None]], stream: Any) -> Dict[str, Any]:
     """The demo into a claimed output folder (see :func:`run_demo`)."""
-    from .data.synthetic import make_demo_case
-    from .outputs import result_files
-    from .snapshots import save_montage
-
     out = claim.folder
     kwargs = {"task": task, "seed": seed}
     if size is not None:
@@ -168,9 +165,6 @@ def write_sample_data(
     Deterministic: the same arguments give the same voxels, so the shipped files can be regenerated and
     checked (``Testing/test_sample_data.py``).
     """
-    from .data.synthetic import make_demo_case
-    from .outputs import write_outputs
-
     case = make_demo_case(size=size, task=task, seed=seed)
     written = write_outputs(out_dir, {"reference.nii.gz": case.reference, "moving.nii.gz": case.moving}, overwrite)
     return {"reference": written["reference.nii.gz"], "moving": written["moving.nii.gz"]}
@@ -178,6 +172,4 @@ def write_sample_data(
 
 def geometry_resample_like(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """The moving input shown on the reference grid by header geometry only (what a viewer shows)."""
-    from .geometry import resample
-
     return resample(image, reference)

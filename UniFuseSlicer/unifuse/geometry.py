@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import GeometryError
+from .intensity import foreground_mask
 
 __all__ = [
     "LPS_TO_RAS",
@@ -243,8 +244,6 @@ def initial_transform(reference: sitk.Image, moving: sitk.Image, mode: str = "ge
     if mode == "geometry":
         return sitk.Transform(3, sitk.sitkIdentity)
     if mode == "moments":
-        from .intensity import foreground_mask
-
         fixed_mask = sitk.Cast(foreground_mask(reference), sitk.sitkFloat32)
         moving_mask = sitk.Cast(foreground_mask(moving), sitk.sitkFloat32)
         euler = sitk.CenteredTransformInitializer(

@@ -33,6 +33,7 @@ from typing import Any, Callable, List, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from . import resources
 from .errors import InputImageError, UniFuseError
 from .outputs import check_targets
 
@@ -352,16 +353,15 @@ def _bytes_per_pixel(pixel_id: int, components: int) -> int:
 def _check_announced_size(p: Path, header: sitk.ImageFileReader) -> None:
     """Refuse a header whose voxel data could not fit into memory (a corrupt size field, or a volume far too
     large for this computer) before the reader tries to allocate it."""
-    from .resources import available_memory_bytes, format_bytes
-
     size = tuple(int(v) for v in header.GetSize())
     voxels = int(np.prod(size, dtype=np.float64)) if size else 0
     announced = voxels * _bytes_per_pixel(header.GetPixelID(), header.GetNumberOfComponents())
-    free = available_memory_bytes("cpu")
+    free = resources.available_memory_bytes("cpu")
     if announced > free:
         raise InputImageError(
-            f"cannot read '{p}': its header announces a volume of size {size} ({format_bytes(announced)}), more "
-            f"than the {format_bytes(free)} of free memory. Either the header is corrupt (re-export the file) or "
+            f"cannot read '{p}': its header announces a volume of size {size} "
+            f"({resources.format_bytes(announced)}), more than the {resources.format_bytes(free)} of free memory. "
+            "Either the header is corrupt (re-export the file) or "
             "the volume is too large for this computer (crop or downsample it first, e.g. in Slicer's Crop "
             "Volume module)"
         )
@@ -381,7 +381,7 @@ def scan_nifti(p: Path) -> Tuple[int, int]:
     name = p.name.lower()
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         return 0, 0
-    import nibabel
+    import nibabel  # lazy: +0.2 s on the pipeline's import (the Slicer module's start-up), needed for NIfTI only
 
     try:
         from nibabel.imageglobals import LoggingOutputSuppressor

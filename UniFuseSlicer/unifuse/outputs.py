@@ -31,6 +31,7 @@ Used by :meth:`unifuse.pipeline.FusionResult.save`, ``unifuse fuse``, ``unifuse 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -45,6 +46,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
 
 from .errors import OutputExistsError, OutputLocationError, OutputLockedError, OutputWriteError, UniFuseError
 
@@ -227,8 +231,6 @@ def check_targets(display: str, folder: Path, names: Sequence[str], overwrite: b
 
 
 def _location_error(display: str, exc: OSError) -> OutputLocationError:
-    import errno
-
     reasons = {
         errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
         errno.ENOSPC: "the disk is full", errno.EDQUOT: "disk quota exceeded", errno.ENAMETOOLONG: "name too long",
@@ -411,8 +413,6 @@ def _native_stderr() -> Iterator[List[str]]:
 
 
 def _kind(payload: Payload) -> str:
-    import SimpleITK as sitk
-
     if isinstance(payload, sitk.Image):
         return "image"
     if isinstance(payload, sitk.Transform):
@@ -434,9 +434,7 @@ def _suffix(name: str) -> str:
 
 def _write_payload(kind: str, payload: Payload, path: Path) -> bool:
     """Write one staged file; False when a callable chose to write nothing."""
-    import SimpleITK as sitk
-
-    from . import io as uio
+    from . import io as uio  # deferred: import cycle with io (io imports outputs.check_targets)
 
     if kind == "image":
         uio.write_image(payload, path, overwrite=True)
@@ -455,9 +453,6 @@ def _write_payload(kind: str, payload: Payload, path: Path) -> bool:
 
 def _verify(kind: str, payload: Payload, path: Path) -> str:
     """Empty when ``path`` holds ``payload`` completely; else what is wrong with it."""
-    import numpy as np
-    import SimpleITK as sitk
-
     size = path.stat().st_size
     if size == 0:
         return "the written file is empty"
@@ -478,10 +473,7 @@ def _verify(kind: str, payload: Payload, path: Path) -> str:
 
 
 def _verify_image(image: Any, path: Path) -> str:
-    import numpy as np
-    import SimpleITK as sitk
-
-    from . import io as uio
+    from . import io as uio  # deferred: import cycle with io (io imports outputs.check_targets)
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -501,9 +493,6 @@ def _verify_image(image: Any, path: Path) -> str:
 
 def _nonfinite(image: Any, slab: int = 16) -> int:
     """Number of NaN/Inf values of a float image, counted in z-slabs (no full-size temporary)."""
-    import numpy as np
-    import SimpleITK as sitk
-
     if "float" not in image.GetPixelIDTypeAsString():
         return 0
     arr = sitk.GetArrayViewFromImage(image)
@@ -513,7 +502,7 @@ def _nonfinite(image: Any, slab: int = 16) -> int:
 
 def _file_size_limit() -> Optional[int]:
     try:
-        import resource
+        import resource  # POSIX only
 
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     except (ImportError, OSError, ValueError):
@@ -749,7 +738,7 @@ def write_outputs(
 
 def result_files(result: Any) -> Dict[str, Payload]:
     """``{file name: payload}`` of a :class:`~unifuse.pipeline.FusionResult` (``OUTPUT_FILES`` + report)."""
-    from .pipeline import OUTPUT_FILES, REPORT_FILE
+    from .pipeline import OUTPUT_FILES, REPORT_FILE  # deferred: import cycle with pipeline (via weights, io)
 
     files = {fname: getattr(result, attr) for attr, fname in OUTPUT_FILES.items() if getattr(result, attr, None) is not None}
     files[REPORT_FILE] = result.report

@@ -34,19 +34,26 @@ underestimates these measurements. On CUDA the same tensors are allocated (convo
 scratch than CPU im2col), so the CPU model is a conservative estimate there; a CUDA out-of-memory that still
 happens is caught by the pipeline and retried at coarser spacings (:func:`unifuse.pipeline.network_attempts`,
 :func:`is_out_of_memory`).
+
+torch (and the model) are imported inside the CUDA branches: the Slicer module reaches this module through
+:mod:`unifuse.io` and must open without torch. psutil is optional.
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
+import json
 import os
 import re
+import subprocess
 import sys
 from typing import Any, List, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from .config import ModelConfig
+from .config import ModelConfig, get_config
 from .procfs import proc_bytes
 
 __all__ = [
@@ -109,8 +116,6 @@ def format_bytes(n: float) -> str:
 
 
 def _windows_mem_available() -> Optional[int]:
-    import ctypes
-
     class MemoryStatusEx(ctypes.Structure):
         _fields_ = [
             ("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
@@ -310,8 +315,6 @@ def measure_network_peak_bytes(cfg: ModelConfig, size: int, device: str = "cpu",
         return int(torch.cuda.max_memory_allocated(dev) - base)
     if not sys.platform.startswith("linux"):
         raise NotImplementedError("CPU peak-memory measurement reads /proc and works on Linux only")
-    import json
-    import subprocess
 
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE_SCRIPT, json.dumps(cfg.to_dict()), str(int(size)), str(int(threads))],
@@ -322,10 +325,6 @@ def measure_network_peak_bytes(cfg: ModelConfig, size: int, device: str = "cpu",
 
 def _main(argv: Optional[List[str]] = None) -> int:
     """``python -m unifuse.resources CONFIG SIZE [SIZE ...] [--device cuda]``: measured vs estimated."""
-    import argparse
-
-    from .config import get_config
-
     parser = argparse.ArgumentParser(prog="python -m unifuse.resources", description=_main.__doc__)
     parser.add_argument("config")
     parser.add_argument("sizes", type=int, nargs="+")

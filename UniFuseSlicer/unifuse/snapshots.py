@@ -39,7 +39,7 @@ def save_montage(
         panels: (label, image, style) where style may set ``cmap``, ``vmin``, ``vmax``.
         path: PNG file to write (parent folders are created).
     """
-    import matplotlib
+    import matplotlib  # lazy: choosing the Agg backend must not happen on import (Slicer has its own backend)
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

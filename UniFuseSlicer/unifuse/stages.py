@@ -25,6 +25,7 @@ from .errors import InputImageError
 from .guard import Candidate
 from .intensity import IntensityNormalization, foreground_mask, normalize_image
 from .io import read_image
+from .spatial import warp
 from .working_grid import GridChoice, choose_working_grid, overlap_index_box
 
 __all__ = [
@@ -176,8 +177,6 @@ def global_candidate(
 
 def deformable_candidate(name: str, base: Candidate, u: torch.Tensor) -> Candidate:
     """``base`` (a global candidate) warped by the working-grid field ``u`` (1, 3, D, H, W), voxels."""
-    from .spatial import warp
-
     moving = warp(base.moving, u)
     valid = (warp(base.valid, u, mode="nearest", padding_mode="zeros") > 0.5).float()
     return Candidate(name, moving, valid)

@@ -16,16 +16,21 @@ checksum before unpickling anything; a missing, truncated or modified file fails
 :class:`~unifuse.errors.WeightsError` naming the path and what to do.
 
 The shipped weights live in ``UniFuseSlicer/Resources/Models/`` (see :func:`shipped_weights_path`).
+
+torch is imported inside the functions that save and load: the Slicer module imports this module (through
+the pipeline) and must open without torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from . import __version__
 from .config import ModelConfig
 from .errors import WeightsError
 from .io import atomic_write
@@ -80,8 +85,6 @@ def save_checkpoint(
     """
     import torch
 
-    from . import __version__
-
     path = Path(path)
     payload = {
         "format": FORMAT,
@@ -112,8 +115,6 @@ def _expected_sha256(path: Path) -> str:
 def _unreadable_checkpoint(path: Path, exc: Exception) -> WeightsError:
     """One line for a checkpoint ``torch.load(weights_only=True)`` refuses — without torch's advice to load
     it with ``weights_only=False``, which would let the file run code."""
-    import re
-
     text = str(exc)
     unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand|Weights only load failed", text)
     if unsafe:

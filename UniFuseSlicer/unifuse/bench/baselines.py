@@ -49,12 +49,11 @@ import SimpleITK as sitk
 
 from .. import geometry
 from ..intensity import normalize_image
+from .measure import Measurement, measure
 
 if TYPE_CHECKING:  # optional toolkits: imported only where used
     import ants
     import itk
-
-    from .measure import Measurement
 
 __all__ = [
     "RegistrationSettings",
@@ -527,8 +526,6 @@ def _from_payload(payload: Dict[str, Any]) -> sitk.Image:
 
 def _run_job(job_path: str, result_path: str) -> None:
     """Body of :func:`register_isolated` in the child process: read the job, register, write the result."""
-    from .measure import measure
-
     with open(job_path, "rb") as f:
         job = pickle.load(f)
     settings = RegistrationSettings(**job["settings"])
@@ -570,8 +567,6 @@ def register_isolated(name: str, reference: sitk.Image, moving: sitk.Image, sett
         RuntimeError: the child failed (the registration raised, or the process died, e.g. by a segfault);
             the message ends with the child's last error line.
     """
-    from .measure import Measurement
-
     registration_method(name)  # validate the name before starting a process
     interpreter = python or baseline_interpreter(name)
     with tempfile.TemporaryDirectory(prefix="unifuse-bench-") as tmp:

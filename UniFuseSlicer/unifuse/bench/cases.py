@@ -28,6 +28,9 @@ which writes exactly these names).
 ``case.json`` with ``category`` (``"full"`` or ``"partial"`` field of view), ``subject``, ``body_part`` and
 ``degradation``. The case's ``task`` is its category (so the report groups by it) and ``info`` holds the
 ``case.json`` fields.
+
+The data generators (torch) are imported where they are used: :mod:`unifuse.bench.cli_bench` imports this
+module, and every baseline child process, ANTs's in an environment without torch, imports that one.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import SimpleITK as sitk
 
 from .. import geometry
 from ..errors import DatasetError
+from ..io import read_image
 
 __all__ = [
     "BENCH_FIRST_SEED",
@@ -217,8 +221,6 @@ def folder_cases(root: Union[str, Path]) -> List[BenchCase]:
     Returns:
         the cases, sorted by folder name, with ``task = "pairs"``.
     """
-    from ..io import read_image
-
     base = Path(root)
     if not base.is_dir():
         raise DatasetError(f"--pairs folder {base} does not exist or is not a folder")

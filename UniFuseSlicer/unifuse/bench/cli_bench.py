@@ -9,6 +9,9 @@ baseline by default; per-category and per-case tables).
 
 ``unifuse bench --speed [--spacings 4 3 2 1.5] [--precisions fp32 bf16] [--compile] [--repeats N]`` times the
 pipeline alone at finer and finer working grids (:mod:`unifuse.bench.speed`) and writes ``speed.md``/``speed.json``.
+
+The runner and the speed module (the pipeline, torch) are imported where they are used: every baseline child
+process (``python -m unifuse.bench.baselines``, ANTs in its own environment without torch) imports this module.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CONFIGS
+from ..outputs import claim_output_dir
+from .cases import BENCH_TASKS
+from .report import REPORT_JSON, REPORT_MD, format_markdown, json_safe, write_reports
 
 __all__ = ["add_bench_parser", "run_bench"]
 
@@ -27,8 +33,6 @@ SPEED_JSON = "speed.json"
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``bench`` sub-command to ``unifuse``'s sub-parsers; returns the new parser."""
-    from .baselines import REGISTRATION_METHODS
-    from .cases import BENCH_TASKS
     from .runner import FUSION_RULES, METHODS, REAL_METHODS, SYNTHETIC_METHODS
     from .speed import DEFAULT_REFERENCE_SPACING_MM, DEFAULT_SPACINGS_MM
 
@@ -89,7 +93,6 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=None, help="--speed: timed runs per spacing (default 1 on CPU, 3 on CUDA)")
     s.add_argument("--time-limit", type=float, default=600.0,
                    help="--speed: skip a spacing whose extrapolated time per run exceeds this many seconds (default 600)")
-    del REGISTRATION_METHODS
     return p
 
 
@@ -97,8 +100,6 @@ def run_bench(args: argparse.Namespace) -> int:
     """Handler of ``unifuse bench``; returns the exit code (0). User errors raise :class:`~unifuse.errors.UniFuseError`."""
     if args.speed:
         return _run_speed(args)
-    from ..outputs import claim_output_dir
-    from .report import REPORT_JSON, REPORT_MD, format_markdown, write_reports
     from .runner import BenchOptions, run_benchmark
 
     out = Path(args.out)
@@ -119,7 +120,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_speed(args: argparse.Namespace) -> int:
-    from ..outputs import claim_output_dir
     from .speed import run_speed
 
     out = Path(args.out)
@@ -133,7 +133,6 @@ def _run_speed(args: argparse.Namespace) -> int:
 
 
 def _write_speed(claim: Any, rows: Any, meta: Any) -> None:
-    from .report import json_safe
     from .speed import format_speed_table
 
     out = claim.folder

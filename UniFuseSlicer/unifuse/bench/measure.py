@@ -96,7 +96,7 @@ def measure(cuda_device: Optional[Any] = None) -> Iterator[Measurement]:
     m = Measurement()
     use_cuda = cuda_device is not None and getattr(cuda_device, "type", "") == "cuda"
     if use_cuda:
-        import torch
+        import torch  # lazy: the baseline child processes measure with this module, ANTs's without torch
 
         torch.cuda.synchronize(cuda_device)
         torch.cuda.reset_peak_memory_stats(cuda_device)

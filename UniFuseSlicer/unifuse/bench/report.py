@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..outputs import write_outputs
 
 __all__ = [
     "REPORT_MD",
@@ -396,7 +397,7 @@ def format_real_markdown(results: Any, summary: Optional[Dict[str, Any]] = None)
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: choosing the Agg backend must not happen on import (Slicer has its own backend)
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -529,8 +530,6 @@ def write_reports(results: Any, out_dir: Union[str, Path], overwrite: bool = Fal
     Returns:
         ``{short name: path}`` of every file written (a figure without data is not written).
     """
-    from ..outputs import write_outputs
-
     summary = summarize(results)
     files: Dict[str, Any] = {REPORT_JSON: json_safe(results.to_json()), REPORT_MD: format_markdown(results, summary)}
     short = {REPORT_JSON: "json", REPORT_MD: "markdown"}

@@ -26,16 +26,24 @@ around the pipeline, which reaches the network's matrix products and convolution
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
+from .. import geometry
+from ..data.synthetic import make_demo_case
 from ..errors import UniFuseError
+from ..options import MAX_SPACING_MM, MIN_SPACING_MM
+from ..pipeline import LoadedModel, fuse, load_model, resolve_device
 from ..resources import available_memory_bytes
+from .cases import BENCH_FIRST_SEED
 from .measure import measure
+from .runner import machine_description
 
 __all__ = ["DEFAULT_SPACINGS_MM", "DEFAULT_REFERENCE_SPACING_MM", "STAGES", "SpeedRow", "speed_inputs", "run_speed",
            "format_speed_table"]
@@ -113,10 +121,6 @@ def speed_inputs(reference_spacing_mm: float = DEFAULT_REFERENCE_SPACING_MM,
         reference on an S³ grid over the base reference's field of view, S = FOV / ``reference_spacing_mm``;
         moving on the base moving grid refined by the same factor.
     """
-    from .. import geometry
-    from ..data.synthetic import make_demo_case
-    from .cases import BENCH_FIRST_SEED
-
     base = base or make_demo_case(_BASE_SIZE, "t1-t2-motion", seed=BENCH_FIRST_SEED)
     extent = base.reference.GetSize()[0] * base.reference.GetSpacing()[0]
     size = max(8, int(round(extent / float(reference_spacing_mm))))
@@ -152,10 +156,6 @@ def _variants(device_type: str, precisions: Optional[Sequence[str]], compile_mod
 
 def _run_once(reference: sitk.Image, moving: sitk.Image, loaded: Any, device: Any, spacing_mm: float,
               precision: str):
-    import torch
-
-    from ..pipeline import fuse
-
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=(precision == "bf16"))
     with measure(device if device.type == "cuda" else None) as m, autocast:
         result = fuse(reference, moving, degradation="auto", device=str(device), model=loaded,
@@ -169,8 +169,6 @@ def _predicted_skip(spacing_mm: float, last: Optional[SpeedRow], device: Any, ti
         return ""
     ratio = (float(last.working_spacing_mm or last.spacing_mm) / float(spacing_mm)) ** 3
     if device.type == "cuda":
-        import torch
-
         free, _total = torch.cuda.mem_get_info(device)
         need = (last.cuda_peak_mb or 0.0) * ratio * _HEADROOM
         if need > _RAM_FRACTION * free / 2**20:
@@ -222,16 +220,6 @@ def run_speed(
     Raises:
         UniFuseError: a spacing outside the pipeline's bounds.
     """
-    import os
-
-    import torch
-
-    from ..data.synthetic import make_demo_case
-    from ..options import MAX_SPACING_MM, MIN_SPACING_MM
-    from ..pipeline import LoadedModel, load_model, resolve_device
-    from .cases import BENCH_FIRST_SEED
-    from .runner import machine_description
-
     log = log or (lambda line: print(line, flush=True))
     torch.set_num_threads(int(threads or os.cpu_count() or 1))
     spacings = sorted({float(s) for s in spacings}, reverse=True)

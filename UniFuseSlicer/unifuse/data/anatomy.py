@@ -166,7 +166,7 @@ def _band(distance: np.ndarray, inner: float, outer: float) -> np.ndarray:
 def _template_1mm() -> Tuple[sitk.Image, Dict[str, sitk.Image]]:
     """The template grid and the six tissue maps at 1 mm (SimpleITK, LPS). Cached (a few seconds, once)."""
     try:
-        from nilearn import datasets
+        from nilearn import datasets  # lazy: ~1.5 s to import, for the (cached) template only
     except ImportError as exc:  # pragma: no cover - nilearn is a dependency
         raise InputImageError("the MNI template needs the 'nilearn' package: pip install nilearn") from exc
     t1 = _nifti_to_sitk(datasets.load_mni152_template(resolution=1))

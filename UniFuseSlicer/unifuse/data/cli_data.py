@@ -16,6 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from .real import prepare_real_data
+
 __all__ = ["add_data_parser", "run_data"]
 
 
@@ -37,10 +41,6 @@ def add_data_parser(subparsers: "argparse._SubParsersAction") -> None:
 
 def run_data(args: argparse.Namespace) -> int:
     """Run ``unifuse data <sub-command>`` from parsed arguments; returns the exit code (0 on success)."""
-    import torch
-
-    from .real import prepare_real_data
-
     if args.data_command != "real":  # pragma: no cover - argparse restricts the choices
         raise ValueError(f"unknown data command {args.data_command!r}")
     torch.set_num_threads(min(2, torch.get_num_threads()))

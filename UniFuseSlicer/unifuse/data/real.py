@@ -22,13 +22,14 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..bench.cases import folder_cases
 from ..errors import DatasetError
 from .real_cases import KINDS, CaseKind, CaseSettings, build_case
 from .real_sources import (ARTEFACTS, SPLITS, SUBJECTS, Artefact, RealSubject, convert_subject, download_artefact,
@@ -423,10 +424,6 @@ def load_real_cases(cache: PathLike, split: str = "validation") -> List[RealCase
     Uses :func:`unifuse.bench.cases.folder_cases` (all truth fields, plus the moving-pose labels the builder
     wrote), then sets each BenchCase's ``task`` to ``real/<kind>`` and its true ``degradation``.
     """
-    from dataclasses import replace
-
-    from ..bench.cases import folder_cases
-
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     root, _ = _require_cache(cache)

@@ -476,7 +476,7 @@ def read_siemens_mosaic(path: Path) -> sitk.Image:
         DatasetError: pydicom is missing, or the file is not a mosaic.
     """
     try:
-        import pydicom
+        import pydicom  # optional
         with warnings.catch_warnings():  # nibabel flags its DICOM readers as experimental on import
             warnings.simplefilter("ignore", UserWarning)
             from nibabel.nicom import csareader, dicomwrappers

@@ -15,12 +15,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..errors import UniFuseError
+from .cli_train import add_train_arguments, run_train
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``unifuse train`` arguments and run the (possibly distributed) training; returns the exit code."""
-    from ..errors import UniFuseError
-    from .cli_train import add_train_arguments, run_train
-
     parser = argparse.ArgumentParser(prog="python -m unifuse.train",
                                      description="Train UniFuse (one process, or one rank of a torchrun launch).")
     add_train_arguments(parser)

@@ -30,7 +30,14 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from ..errors import UniFuseError
+from ..weights import SHIPPED_WEIGHTS_NAME, load_checkpoint, save_checkpoint
+from .configs import DATA_LAYOUTS, TRAIN_CONFIGS, TrainConfig, get_train_config
+from .distributed import init_distributed
+from .evaluate import HELDOUT_CASES, HELDOUT_SEED, evaluate_checkpoint, format_report, write_model_card
+from .trainer import Trainer, describe_source_checkpoint
 
 __all__ = ["add_train_parser", "add_train_arguments", "train_config_from_args", "run_train", "run_evaluate",
            "publish_checkpoint"]
@@ -38,8 +45,6 @@ __all__ = ["add_train_parser", "add_train_arguments", "train_config_from_args", 
 
 def add_train_parser(subparsers: "argparse._SubParsersAction") -> None:
     """Add the ``train`` and ``evaluate`` sub-commands to an ``argparse`` sub-parser collection."""
-    from .evaluate import HELDOUT_CASES, HELDOUT_SEED
-
     p = subparsers.add_parser("train", help="train UniFuse on synthetic pairs or a dataset folder (resumable; "
                                             "data-parallel under torchrun; logs and checkpoints in --out)")
     add_train_arguments(p)
@@ -59,8 +64,6 @@ def add_train_parser(subparsers: "argparse._SubParsersAction") -> None:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``unifuse train`` (also those of ``python -m unifuse.train`` under torchrun)."""
-    from .configs import DATA_LAYOUTS, TRAIN_CONFIGS
-
     p.add_argument("--config", required=True,
                    help=f"training config: one of {', '.join(TRAIN_CONFIGS)} or a JSON file of TrainConfig fields")
     p.add_argument("--out", required=True, type=Path, help="run folder for logs, training state and checkpoints")
@@ -88,10 +91,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction in [0, 1) of the training samples taken from synthetic pairs (default 0)")
 
 
-def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`~unifuse.train.configs.TrainConfig` of parsed ``unifuse train`` arguments (config + overrides)."""
-    from .configs import get_train_config
-
     config = get_train_config(args.config)
     changes = {}
     if args.steps is not None:
@@ -117,9 +118,6 @@ def run_train(args: argparse.Namespace) -> int:
     """Run (or resume) a training run from parsed ``unifuse train`` arguments; returns the exit code.
 
     Under torchrun every process runs this; rank 0 prints the summary."""
-    from .distributed import init_distributed
-    from .trainer import Trainer
-
     config = train_config_from_args(args)
     if getattr(args, "stop_at", None) is not None and args.stop_at < 1:
         raise UniFuseError(f"--stop-at must be a step >= 1 (got {args.stop_at})")
@@ -143,9 +141,6 @@ def publish_checkpoint(source: Path, out_dir: Path) -> Path:
     ``out_dir/unifuse_default.pt`` (+ ``.sha256``), recording where it came from, the run's ``summary.json``
     (total steps and wall time) when its folder has one and, for a fine-tuned checkpoint, the provenance of
     the checkpoint it started from; returns the new path."""
-    from ..weights import SHIPPED_WEIGHTS_NAME, load_checkpoint, save_checkpoint
-    from .trainer import describe_source_checkpoint
-
     ckpt = load_checkpoint(source)
     if not ckpt.metadata.get("trained"):
         raise UniFuseError(f"{source} is not marked as trained (metadata 'trained'); only trained weights can be published")
@@ -163,10 +158,6 @@ def publish_checkpoint(source: Path, out_dir: Path) -> Path:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint from parsed ``unifuse evaluate`` arguments; returns the exit code."""
-    import torch
-
-    from .evaluate import evaluate_checkpoint, format_report, write_model_card
-
     if args.cases < 1:
         raise UniFuseError(f"--cases must be at least 1 (got {args.cases})")
     if (args.model_card or args.publish) and args.out is None:

@@ -39,8 +39,10 @@ from datetime import timedelta
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from ..errors import UniFuseError
+from ..pipeline import resolve_device
 
 __all__ = [
     "DistributedError",
@@ -99,8 +101,6 @@ class DistContext:
 
     def close(self) -> None:
         """Destroy the process group (no-op without one)."""
-        import torch.distributed as dist
-
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -112,8 +112,6 @@ def launched_by_torchrun() -> bool:
 
 def single_process(device: str = "auto") -> DistContext:
     """The context of a plain one-process run on ``device`` (``auto`` | ``cpu`` | ``cuda[:N]``)."""
-    from ..pipeline import resolve_device
-
     return DistContext(0, 1, 0, 1, None, resolve_device(device))
 
 
@@ -161,7 +159,6 @@ def init_distributed(device: str = "auto", timeout_min: Optional[float] = None) 
     """
     if not launched_by_torchrun():
         return single_process(device)
-    import torch.distributed as dist
 
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK")
@@ -207,7 +204,6 @@ def all_reduce_mean(values: Dict[str, Optional[float]], ctx: DistContext) -> Dic
     """
     if not ctx.enabled or ctx.world_size == 1:
         return dict(values)
-    import torch.distributed as dist
 
     keys = sorted(k for k, v in values.items() if v is not None)
     packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device(ctx))
@@ -222,7 +218,6 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> List[Any]:
     """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
     if not ctx.enabled or ctx.world_size == 1:
         return [obj]
-    import torch.distributed as dist
 
     gathered: List[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, obj)
@@ -233,7 +228,6 @@ def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op in one process)."""
     if not ctx.enabled or ctx.world_size == 1:
         return
-    import torch.distributed as dist
 
     if ctx.backend == "nccl":
         dist.barrier(device_ids=[ctx.device.index or 0])

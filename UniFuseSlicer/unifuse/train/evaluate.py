@@ -37,8 +37,16 @@ import torch
 from .. import __version__
 from ..config import DEGRADATION_CLASSES, DEGRADATION_LABELS
 from ..errors import UniFuseError
-from ..metrics import FUSION_METRIC_KEYS
+from ..evaluation import (EvaluationCase, displacement_from_voxels, evaluate_alignment, evaluate_fusion,
+                          zero_displacement)
+from ..fusion_rules import fuse_average, fuse_max
+from ..metrics import FUSION_METRIC_KEYS, vif_min_size
+from ..model import build_model
+from ..pipeline import device_description, resolve_device
+from ..procfs import cpu_model
 from ..spatial import warp
+from ..weights import load_checkpoint
+from .trainer import make_dataset
 
 __all__ = [
     "HELDOUT_SEED",
@@ -99,10 +107,6 @@ def evaluate_model(
         ``{"cases", "fusion": {method: {metric: {mean, std, n}}}, "fusion_by_degradation": {...},
         "alignment": {...}, "degradation": {...}}`` (see the module docstring).
     """
-    from ..evaluation import (EvaluationCase, displacement_from_voxels, evaluate_alignment, evaluate_fusion,
-                              zero_displacement)
-    from ..fusion_rules import fuse_average, fuse_max
-
     device = torch.device(device)
     model.eval().to(device)
     cases = list(cases)
@@ -238,12 +242,6 @@ def evaluate_checkpoint(
     Returns the :func:`evaluate_model` report extended with ``checkpoint`` (path, id, config, training
     metadata), ``heldout`` (how the set was made), ``targets`` (:func:`check_targets`) and ``environment``.
     """
-    from ..model import build_model
-    from ..pipeline import device_description, resolve_device
-    from ..weights import load_checkpoint
-    from ..procfs import cpu_model
-    from .trainer import make_dataset
-
     ckpt = load_checkpoint(weights)
     dev = resolve_device(device)
     model = build_model(ckpt.config)
@@ -399,8 +397,6 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     vif = ev["fusion"]["unifuse"]["q_vif"]["mean"]
     if not (isinstance(vif, float) and math.isfinite(vif)):
-        from ..metrics import vif_min_size
-
         L.append(f"\nq_vif is n/a: the multi-scale VIF needs every edge ≥ {vif_min_size()} voxels and the volumes are "
                  f"{ho['size']}³ (unifuse.metrics.fusion_metrics reports it as undefined rather than inventing a value).")
     al = ev["alignment"]
