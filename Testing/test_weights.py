@@ -6,7 +6,8 @@ import torch
 import pytest
 
 from unifuse.config import ModelConfig, tiny
-from unifuse.errors import WeightsError
+from unifuse.errors import ConfigError, WeightsError
+from unifuse.train.configs import TrainConfig, get_train_config
 from unifuse.weights import checksum_path, load_checkpoint, save_checkpoint, sha256_of
 
 
@@ -105,3 +106,10 @@ def test_configs_of_old_checkpoints_drop_an_empty_extra_and_refuse_a_used_one():
     assert ModelConfig.from_dict({**tiny().to_dict(), "extra": {}}) == tiny()
     with pytest.raises(ValueError, match="extra"):
         ModelConfig.from_dict({**tiny().to_dict(), "extra": {"key": 1}})
+
+
+@pytest.mark.parametrize("config_type, fields", [(ModelConfig, tiny().to_dict()),
+                                                 (TrainConfig, get_train_config("tiny").to_dict())])
+def test_model_and_training_configs_refuse_unknown_fields_with_the_same_error(config_type, fields):
+    with pytest.raises(ConfigError, match="no_such_field"):
+        config_type.from_dict({**fields, "no_such_field": 1})

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
+from .errors import ConfigError
+
 #: Degradation classes of the DAPL classifier (index = class id). Ñ = 4.
 DEGRADATION_CLASSES: Tuple[str, ...] = ("none", "motion", "metal", "lowdose")
 #: Human-readable names of :data:`DEGRADATION_CLASSES` for reports and GUIs.
@@ -103,7 +105,7 @@ class ModelConfig:
             del d["extra"]
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; this checkpoint needs a newer unifuse")
+            raise ConfigError(f"unknown ModelConfig fields {unknown}; this checkpoint needs a newer unifuse")
         if "unet_channels" in d:
             d["unet_channels"] = tuple(d["unet_channels"])
         return cls(**d)

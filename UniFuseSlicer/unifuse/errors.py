@@ -51,6 +51,10 @@ class CancelledError(UniFuseError):
     """The run was cancelled by the user; no outputs were written."""
 
 
+class ConfigError(UniFuseError, ValueError):
+    """A model or training config has fields this version does not know (or lacks ones it needs)."""
+
+
 class DatasetError(UniFuseError, ValueError):
     """A dataset folder is missing, empty, or does not follow the expected layout."""
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 from ..config import CONFIGS, ModelConfig, get_config
-from ..errors import UniFuseError
+from ..errors import ConfigError, UniFuseError
 
 __all__ = [
     "TrainConfig",
@@ -251,7 +251,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise UniFuseError(f"unknown training-config fields {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(f"unknown training-config fields {unknown}; known fields: {sorted(known)}")
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
