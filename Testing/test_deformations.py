@@ -10,7 +10,6 @@ import torch
 from unifuse import spatial
 from unifuse.data.deformations import (
     invert_field,
-    inversion_residual,
     min_jacobian,
     random_misalignment,
     random_smooth_displacement,
@@ -22,6 +21,17 @@ from unifuse.data.deformations import (
 )
 
 SHAPE = (20, 24, 28)  # (D, H, W): distinct edges catch axis mix-ups
+
+
+def inversion_residual(v, u):
+    """How well ``u`` inverts ``v``: ``||u(p) + v(p + u(p))||`` (voxels), and the mask of the voxels whose sample
+    point ``p + u(p)`` lies inside the grid (outside it ``v`` is border-clamped: the residual there measures the
+    extrapolation, not the inversion)."""
+    vt, ut = (torch.from_numpy(np.asarray(f, dtype=np.float32))[None] for f in (v, u))
+    residual = (ut + spatial.warp(vt, ut, padding_mode="border")).norm(dim=1)[0].numpy()
+    points = (spatial.identity_grid(ut.shape[2:]) + ut)[0].numpy()
+    limits = np.array(ut.shape[:1:-1], dtype=np.float32).reshape(3, 1, 1, 1) - 1  # (W, H, D) - 1
+    return residual, np.all((points >= 0) & (points <= limits), axis=0)
 
 
 def _sitk_rigid_field(shape, rotation_deg, translation_mm, spacing_xyz):
