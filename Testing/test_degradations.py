@@ -17,6 +17,7 @@ from unifuse.data.degradations import (
     no_degradation,
     pet_lowdose,
     projector,
+    random_metal_mask,
     simulate_metal_artifacts,
 )
 from unifuse.errors import InputImageError
@@ -212,6 +213,18 @@ def test_ct_metal_places_metal_inside_the_body_and_rejects_normalised_input():
     assert metal.any() and np.all(ct[metal] > -300)
     with pytest.raises(InputImageError, match="Hounsfield"):
         ct_metal((ct + 1000) / 3000, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_later_metal_objects_lie_within_two_slices_of_the_first(seed):
+    inside = np.zeros((40, 20, 20), dtype=bool)
+    inside[2:38, 5:15, 5:15] = True
+    # semi-axes below 0.75 voxel are raised to 0.75: every object is exactly its centre voxel
+    mask = random_metal_mask(inside.shape, np.random.default_rng(seed), inside=inside, num_objects=3,
+                             radius_mm=(0.1, 0.2))
+    z = np.nonzero(mask)[0]
+    assert 1 <= len(z) <= 3 and np.all(inside[mask])
+    assert z.max() - z.min() <= 4  # the first object's slice +-2 slices: one slab, whatever the first slice
 
 
 # ---------------------------------------------------------------------------------------------- PET

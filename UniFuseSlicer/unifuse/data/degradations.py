@@ -344,13 +344,12 @@ def random_metal_mask(
     zz, yy, xx = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij", sparse=True)
     mask = np.zeros((d, h, w), dtype=bool)
     for i in range(count):
-        if i == 1:  # later objects: same slab as the first
-            near = candidates[np.abs(candidates[:, 0] - cz) <= 2]
-            candidates = near if len(near) else candidates
         cz, cy, cx = candidates[int(rng.integers(len(candidates)))]
         semi = np.maximum(rng.uniform(*radius_mm, size=3) / spacing, 0.75)  # (x, y, z) voxels
         r2 = ((xx - cx) / semi[0]) ** 2 + ((yy - cy) / semi[1]) ** 2 + ((zz - cz) / semi[2]) ** 2
         mask |= r2 <= 1.0
+        if i == 0:  # later objects: in the slab of +-2 slices around the first
+            candidates = candidates[np.abs(candidates[:, 0] - cz) <= 2]
     return mask
 
 
