@@ -103,7 +103,7 @@ def test_two_process_gloo_run_matches_one_process_and_resumes_on_one(tmp_path: P
            "-m", "unifuse.train", "--config", str(config_file), "--out", str(ddp), "--device", "cpu",
            "--data", str(root), "--layout", "brats2020", "--stop-at", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launch = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8")
 
     # meanwhile: one process, the same global batch (2), all 15 steps
     config = get_train_config(str(config_file)).replace(data_root=str(root), data_layout="brats2020")
