@@ -96,9 +96,7 @@ def test_shipped_weights_load_into_the_cpu_network():
     path = shipped_weights_path()
     assert path is not None, "the extension ships UniFuseSlicer/Resources/Models/unifuse_default.pt"
     ckpt = load_checkpoint(path)
-    # the cpu architecture as it was trained: without the restoration output and the cell-centred FA head,
-    # which checkpoints made before those options read as False
-    assert ckpt.config == cpu().replace(fa_cell_centred=False, restoration_head=False)
+    assert ckpt.config == cpu()  # with the restoration output and the cell-centred FA head (cpu_real run)
     build_model(ckpt.config).load_state_dict(ckpt.state_dict)  # strict: every tensor matches
 
 

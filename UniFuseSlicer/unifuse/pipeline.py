@@ -684,7 +684,10 @@ def fuse(
             "network_probabilities": {name: float(v) for name, v in zip(DEGRADATION_CLASSES, outcome.probs)},
             "mixture": {name: float(v) for name, v in zip(DEGRADATION_CLASSES, outcome.p_used)},
             "note": "probabilities: calibrated from the moving volume's physical evidence"
-                    + (" and the network's classifier" if decision.used_network else " alone (untrained network)")
+                    + (" and the network's classifier" if decision.used_network else
+                       " alone (untrained network)" if not loaded.trained else
+                       " alone (the shipped calibration does not combine these weights' classifier: it measured less "
+                       "accurate than the evidence alone)")
                     + "; mixture: the class weights the network's prompts and LoRA experts used",
             "decision": decision.to_dict(),
         },

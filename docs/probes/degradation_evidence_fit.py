@@ -6,6 +6,8 @@ Measurement script, not a test. Three steps, each resumable:
     .venv/bin/python docs/probes/degradation_evidence_fit.py samples --real-data real_data --cache /tmp/de_cache
     # (after changing the feature code: re-measure the kept images, network probabilities unchanged)
     .venv/bin/python docs/probes/degradation_evidence_fit.py refeature --cache /tmp/de_cache
+    # (after new network weights: re-measure the network probabilities of the kept images, then fit again)
+    .venv/bin/python docs/probes/degradation_evidence_fit.py renetwork --cache /tmp/de_cache --weights NEW.pt
     # 2. fit on the TRAINING samples only; write the calibration JSON
     .venv/bin/python docs/probes/degradation_evidence_fit.py fit --cache /tmp/de_cache \\
         --write UniFuseSlicer/Resources/Models/degradation_evidence.json
@@ -251,14 +253,14 @@ def samples(src: Source) -> Iterator[Tuple[str, str, str, Callable[[], sitk.Imag
 class Network:
     """The shipped network's DAPL probabilities on the pipeline's default working grid (header geometry)."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights: Optional[str] = None, threads: int = 1) -> None:
         import torch
 
         from unifuse.options import FuseOptions
         from unifuse.pipeline import load_model
 
-        torch.set_num_threads(1)
-        self.loaded = load_model(None, None, "cpu", 0)
+        torch.set_num_threads(threads)
+        self.loaded = load_model(weights, None, "cpu", 0)
         self.loaded.model.eval()
         self.spacing = FuseOptions().working_spacing_mm
 
@@ -298,6 +300,23 @@ def cmd_refeature(args: argparse.Namespace) -> None:
         seconds.append(ev.seconds)
     (cache / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} samples re-measured; evidence seconds median {np.median(seconds):.3f}, max {max(seconds):.3f}")
+
+
+def cmd_renetwork(args: argparse.Namespace) -> None:
+    """Re-measure every cached sample's network probabilities with ``--weights`` (new weights: refit after)."""
+    cache = Path(args.cache)
+    rows = [json.loads(line) for line in (cache / "samples.jsonl").read_text().splitlines() if line.strip()]
+    references = {src.id: src.reference for split in ("train", "validation") for src in sources(Path(args.real_data), split)}
+    net = Network(args.weights, threads=args.threads)
+    loaded: Dict[str, sitk.Image] = {}
+    for i, r in enumerate(rows):
+        if r["source"] not in loaded:
+            loaded[r["source"]] = sitk.ReadImage(str(references[r["source"]]))
+        r["network"] = net.probs(loaded[r["source"]], sitk.ReadImage(str(image_path(cache, r["id"]))))
+        if i % 25 == 0:
+            print(f"{i + 1}/{len(rows)} {r['id']}", flush=True)
+    (cache / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} samples: network probabilities re-measured with {args.weights or 'the shipped weights'}")
 
 
 def cmd_samples(args: argparse.Namespace) -> None:
@@ -654,6 +673,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = sub.add_parser("refeature")
     p.add_argument("--cache", default="/tmp/de_cache")
     p.set_defaults(func=cmd_refeature)
+    p = sub.add_parser("renetwork")
+    p.add_argument("--real-data", default="real_data")
+    p.add_argument("--cache", default="/tmp/de_cache")
+    p.add_argument("--weights")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_renetwork)
     p = sub.add_parser("fit")
     p.add_argument("--cache", default="/tmp/de_cache")
     p.add_argument("--write")

@@ -133,7 +133,8 @@ def describe_training_data(cfg: TrainConfig, train_set: Dataset, val_set: Option
     train_cases = _case_ids(train_set)
     val_cases = _case_ids(val_set) if val_set is not None else []
     return {
-        "generator": f"unifuse.data.folders.FolderPairs({cfg.data_layout})",
+        "generator": ("unifuse.train.real_crops.RealCrops(train split; validation: crops of the training subjects)"
+                      if cfg.data_layout == REAL_LAYOUT else f"unifuse.data.folders.FolderPairs({cfg.data_layout})"),
         "dataset": {
             "root": str(cfg.data_root),
             "layout": cfg.data_layout,

@@ -441,15 +441,18 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
 
 
 LIMITATIONS = (
-    "Trained and evaluated on synthetic brain volumes only (modalities synthesised from tissue maps, simulated "
-    "degradations and deformations). On the real-anatomy validation cases of `unifuse bench --real` "
-    "(docs/benchmark.md, 2026-12-03) the pipeline's guard rejected this network's deformable field on every "
-    "case (3 mm working grid after an MI affine), so the alignment there comes from the affine stage.",
+    "Trained on synthetic brain volumes, then fine-tuned on crops of the 12 real training cases (6 subjects) of "
+    "`unifuse data real`. On the real-anatomy validation cases of `unifuse bench --real` (docs/benchmark.md, "
+    "2026-12-03) the pipeline's guard rejected this network's deformable field on every case (3 mm working grid "
+    "after an MI affine), so the alignment there comes from the affine stage; the fused and restored volumes are "
+    "the network's.",
     "Not a medical device; not for clinical use or diagnosis.",
-    "Trained on CPU for a short schedule at a small working grid; far less training than the paper (500 epochs at "
-    "160³ on a GPU). Volumes are processed on this coarse working grid, so fine anatomy is lost in the fused output.",
+    "Trained on CPU for a short schedule on 32³ grids; far less training than the paper (500 epochs at 160³ on a "
+    "GPU). The fusion runs at the reference's resolution, but the fused and restored volumes are smoother than "
+    "the sharper source (docs/benchmark.md).",
     "Degradation classes are limited to: none, MRI motion, CT metal + noise, low-dose PET noise; other artifacts "
-    "are forced into one of these classes.",
+    "are forced into one of these classes. The pipeline decides the class from the moving volume's physical "
+    "evidence (docs/network.md); this network's own classifier is reported but not used.",
     "Misalignments larger than those simulated in training (±10°, ±10 mm plus smooth non-rigid) are outside the "
     "training distribution.",
 )
