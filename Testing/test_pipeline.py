@@ -309,3 +309,16 @@ def test_guard_keeps_a_field_that_repairs_the_alignment():
     assert stage["kept"] is True and stage["score"] < 0.9 * stage["previous_score"]
     assert result.report["alignment"]["final_stage"] == "network"
     assert "warnings" not in result.report
+
+
+def test_restored_output_and_nothing_to_restore_when_the_degradation_is_none():
+    reference = _image(**REF_GEOM, fn=_blobs)
+    moving = _image(**MOV_GEOM, fn=_blobs)
+    options = dict(device="cpu", config="tiny", affine="none", spacing_mm=SPACING)
+    motion = fuse(reference, moving, degradation="motion", **options)  # tiny has the restoration output
+    assert motion.restored is not None and motion.restored.GetSize() == reference.GetSize()
+    assert motion.report["restored"] == "moving units"
+    assert not np.allclose(sitk.GetArrayFromImage(motion.restored), sitk.GetArrayFromImage(motion.aligned))
+    clean = fuse(reference, moving, degradation="none", **options)
+    assert "unchanged" in clean.report["restored"]
+    assert np.array_equal(sitk.GetArrayFromImage(clean.restored), sitk.GetArrayFromImage(clean.aligned))
