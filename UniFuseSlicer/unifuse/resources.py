@@ -93,8 +93,11 @@ NETWORK_BUDGET_FRACTION: float = 0.8
 #: :meth:`~unifuse.pipeline.FusionResult.save`, error maps aside: the float32 working copy (4), the outputs —
 #: fused, aligned, Jacobian, two error maps (4 each) and the float32 displacement field (12) — and transients
 #: (Jacobian slabs, resampling, the NIfTI writer's copy). Measured on a 512x512x600 int16 CT (157M voxels):
-#: 41 B/voxel in ``fuse``, 47 B/voxel while saving; see docs/troubleshooting.md.
-REFERENCE_BYTES_PER_VOXEL: float = 48.0
+#: 41 B/voxel in ``fuse``, 47 B/voxel while saving; see docs/troubleshooting.md. The fusion at the reference
+#: resolution (the normalised reference and aligned copies, the blended sums and the restored output) raised
+#: the peak: 5.46 GiB measured in ``fuse`` on a 512x512x300 CT (78.6M voxels, PET at half resolution), where
+#: 48 B/voxel estimated 5.25 GiB; hence 52.
+REFERENCE_BYTES_PER_VOXEL: float = 52.0
 #: Peak bytes per *moving* voxel: the float32 working copy plus the original as read from disk (<= 8).
 MOVING_BYTES_PER_VOXEL: float = 12.0
 #: Peak bytes per voxel of :func:`unifuse.error_maps.alignment_error_maps` on its grid (three float32
