@@ -38,11 +38,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
+from . import __version__, error_maps, geometry, resources
 from .config import DEGRADATION_CLASSES, ModelConfig, get_config
-from .errors import CancelledError, DeviceError, UniFuseError
+from .degradation_evidence import combine, degradation_evidence
+from .errors import CancelledError, DeviceError, InsufficientMemoryError, UniFuseError
+from .io import read_image, validate_volume
 from .options import FuseOptions
-from .degradation_evidence import degradation_evidence
+from .outputs import result_files, write_outputs
+from .registration.affine import AffineSettings, register_affine
 from .report import NOT_IMPROVED_WARNING, RunReport, StageRecord
 from .weights import Checkpoint, load_checkpoint, shipped_weights_path
 
@@ -120,8 +123,6 @@ class FusionResult:
             UniFuseError: ``OutputExistsError``, ``OutputLocationError``, ``OutputLockedError``,
                 ``OutputWriteError`` — one line naming the problem and the fix.
         """
-        from .outputs import result_files, write_outputs
-
         written = write_outputs(out_dir, result_files(self), overwrite=overwrite)
         paths = {attr: written[fname] for attr, fname in OUTPUT_FILES.items() if fname in written}
         paths["report"] = written[REPORT_FILE]
@@ -272,8 +273,6 @@ class _Run:
 
 
 def _as_image(x: ImageLike, role: str) -> sitk.Image:
-    from .io import read_image
-
     return x if isinstance(x, sitk.Image) else read_image(x)
 
 
@@ -298,15 +297,12 @@ def _max_vector_norm(field_img: sitk.Image, slab: int = 16) -> float:
 
 def _check_reference_memory(ref_img: sitk.Image, mov_img: sitk.Image) -> Dict[str, int]:
     """Refuse volumes whose reference-grid stages cannot fit into free RAM (before minutes are spent)."""
-    from .errors import InsufficientMemoryError
-    from .resources import available_memory_bytes, estimate_reference_stage_bytes, format_bytes
-
-    need = estimate_reference_stage_bytes(ref_img.GetNumberOfPixels(), mov_img.GetNumberOfPixels())
-    free = available_memory_bytes("cpu")
+    need = resources.estimate_reference_stage_bytes(ref_img.GetNumberOfPixels(), mov_img.GetNumberOfPixels())
+    free = resources.available_memory_bytes("cpu")
     if need > free:
         raise InsufficientMemoryError(
-            f"the reference volume {tuple(ref_img.GetSize())} needs about {format_bytes(need)} of memory for the "
-            f"full-resolution outputs (warp, displacement field, error maps) but only {format_bytes(free)} is "
+            f"the reference volume {tuple(ref_img.GetSize())} needs about {resources.format_bytes(need)} of memory for the "
+            f"full-resolution outputs (warp, displacement field, error maps) but only {resources.format_bytes(free)} is "
             "free; close other programs, or crop/downsample the reference (e.g. Slicer's Crop Volume module) — "
             "the outputs are always on the reference grid"
         )
@@ -357,15 +353,12 @@ def run_with_fallback(
     """
     import torch
 
-    from .errors import InsufficientMemoryError
-    from .resources import available_memory_bytes, format_bytes, is_out_of_memory
-
     failures: List[str] = []
     for i, (spacing, device) in enumerate(attempts):
         try:
             return run(spacing, device)
         except BaseException as exc:  # noqa: BLE001 - filtered just below
-            if not is_out_of_memory(exc):
+            if not resources.is_out_of_memory(exc):
                 raise
             failures.append(f"{spacing:.3g} mm on {device.type}")
         # outside the except block: the traceback (and the tensors its frames hold) is released
@@ -376,7 +369,7 @@ def run_with_fallback(
             where = "on the CPU (slower)" if nxt_device.type != device.type else f"on {nxt_device.type}"
             on_retry(f"out of memory on a {spacing:.3g} mm working grid on {device.type}; retrying at "
                      f"{nxt_spacing:.3g} mm {where}")
-    free = format_bytes(available_memory_bytes("cpu"))
+    free = resources.format_bytes(resources.available_memory_bytes("cpu"))
     raise InsufficientMemoryError(
         f"not enough memory to run the network (tried {', '.join(failures)}; {free} of RAM free): close other "
         "programs, pass a coarser --spacing, or use a machine with more memory"
@@ -425,8 +418,7 @@ def _deformable_stages(
     """Working grid, guard of the global stages, network field, refinement, fusion — all on one grid."""
     import torch
 
-    from . import resources, stages
-    from .degradation_evidence import combine
+    from . import stages
     from .guard import AlignmentGuard
     from .spatial import jacobian_determinant
 
@@ -512,7 +504,6 @@ def _native_fusion(run: _Run, loaded: LoadedModel, ref_img: sitk.Image, aligned:
     """UFR&F on the reference grid (or the ``fusion_spacing_mm`` cap) in blended patches
     (:mod:`unifuse.native_fusion`); returns the fused and restored volumes in [0, 1] (restored None without
     the restoration output), the grid they are on and the precision."""
-    from . import geometry
     from .native_fusion import fast_precision, fuse_native, fusion_grid, index_to_index_affine
 
     work = outcome.work
@@ -569,8 +560,7 @@ def fuse(
     Returns:
         :class:`FusionResult` on the reference grid.
     """
-    from . import error_maps, geometry, resources, stages
-    from .io import validate_volume
+    from . import stages  # deferred: imports torch, and the Slicer module imports this module without torch
 
     opts = (options or FuseOptions()).replace(**option_values) if option_values else (options or FuseOptions())
     run = _Run(progress, cancel)
@@ -599,8 +589,6 @@ def fuse(
 
     affine_result = None
     if opts.affine != "none":
-        from .registration.affine import AffineSettings, register_affine
-
         with run.stage("affine", 0.15, f"{opts.affine} registration (Mattes MI)") as rec:
             affine_result = register_affine(
                 ref_img, mov_img, t_init, reference_mask=masks[0], moving_mask=masks[1],
@@ -733,8 +721,6 @@ def _error_maps(
 ) -> Tuple[sitk.Image, sitk.Image, Dict[str, Any]]:
     """Error maps before (header geometry) and after (final transform) on the reference grid; for huge
     references on a coarser grid over the same field of view (said in a note)."""
-    from . import error_maps, geometry, resources
-
     map_grid = resources.coarser_grid(ref_img, resources.error_map_voxel_limit(resources.available_memory_bytes("cpu")))
     low = float(mov_norm.low)
     if map_grid is None:
