@@ -208,7 +208,7 @@ def test_resume_refuses_a_dataset_with_other_cases(tmp_path: Path):
 
 
 def test_dataset_options_are_checked(tmp_path: Path):
-    assert set(DATA_LAYOUTS) == set(LAYOUTS)
+    assert set(DATA_LAYOUTS) == set(LAYOUTS) | {"unifuse-real"}  # + the real-anatomy cache (RealCrops)
     with pytest.raises(UniFuseError, match="data_root and data_layout go together"):
         TrainConfig(name="x", model="tiny", data_root="/data")
     with pytest.raises(UniFuseError, match="mix_synthetic"):

@@ -56,8 +56,9 @@ __all__ = [
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 INIT_CHOICES = ("he_conv", "pytorch")
-#: Dataset-folder layouts the trainer reads (the keys of :data:`unifuse.data.folders.LAYOUTS`; listed here so
-#: that reading a config does not import the imaging stack).
+#: Dataset-folder layouts the trainer reads (the keys of :data:`unifuse.data.folders.LAYOUTS`, plus
+#: ``unifuse-real``: the ``unifuse data real`` cache read by :class:`unifuse.train.real_crops.RealCrops`; listed
+#: here so that reading a config does not import the imaging stack).
 DATA_LAYOUTS = ("brats2020", "synthrad2023", "fdg-petct", "unifuse-real")
 #: ``folder_options`` keys: :class:`unifuse.data.folders.FolderPairs` arguments a config may set.
 FOLDER_OPTION_KEYS = ("degradation", "split_seed", "fractions", "none_fraction", "max_rot_deg", "max_trans_mm",
