@@ -193,7 +193,7 @@ def format_summary(degradation: str, probabilities: Mapping[str, float], report:
     lines = [f"Degradation used: {DEGRADATION_LABELS.get(degradation, degradation)}"]
     requested = report.get("degradation", {}).get("requested") if isinstance(report.get("degradation"), Mapping) else None
     if requested and requested != "auto":
-        lines[0] += f" (set by the user; classifier: {report['degradation'].get('predicted', '?')})"
+        lines[0] += f" (set by the user; detected: {report['degradation'].get('predicted', '?')})"
     for name, p in sorted(probabilities.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {DEGRADATION_LABELS.get(name, name):<28s} {100.0 * float(p):5.1f} %")
     timings = report.get("timings_s", {})
