@@ -30,6 +30,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .geometry import index_to_physical_matrix
+
 __all__ = ["fast_precision", "index_to_index_affine", "tiling", "gaussian_importance", "fuse_native", "fusion_grid"]
 
 
@@ -56,12 +58,8 @@ def fast_precision(device: torch.device) -> Optional[torch.dtype]:
 def index_to_index_affine(source: sitk.Image, target: sitk.Image) -> np.ndarray:
     """The 3×4 affine (x, y, z) mapping continuous indices of ``source`` to continuous indices of ``target``
     through physical (LPS mm) space: ``i_t = A[:, :3] @ i_s + A[:, 3]``."""
-    def to_physical(img: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
-        d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-        return d @ np.diag(img.GetSpacing()), np.asarray(img.GetOrigin(), dtype=np.float64)
-
-    m_s, o_s = to_physical(source)
-    m_t, o_t = to_physical(target)
+    m_s, o_s = index_to_physical_matrix(source), np.asarray(source.GetOrigin(), dtype=np.float64)
+    m_t, o_t = index_to_physical_matrix(target), np.asarray(target.GetOrigin(), dtype=np.float64)
     m_t_inv = np.linalg.inv(m_t)
     return np.concatenate([m_t_inv @ m_s, (m_t_inv @ (o_s - o_t))[:, None]], axis=1)
 
