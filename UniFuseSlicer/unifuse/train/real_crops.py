@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..config import DEGRADATION_CLASSES
-from ..data.deformations import invert_field
+from ..data.deformations import invert_field, rotation_matrix
 from ..data.real import load_real_cases
 from ..data.real_cases import degrade
 from ..errors import DatasetError
+from ..geometry import field_voxels_to_image
 from ..intensity import IntensityNormalization, foreground_mask
 from ..stages import normalization
 
@@ -54,7 +55,7 @@ class RealVolumes:
         movings: [(degradation class, moving volume on its acquisition grid, its normalisation)].
         moving_clean, clean_norm: the clean acquisition and its normalisation.
         aligned_clean: the clean moving volume aligned with the reference (reference grid).
-        truth: the pull-back truth field (reference grid, ``sitkVectorFloat64``).
+        truth: the truth as a transform, ``x -> x + T(x)`` (reference -> moving LPS points; built once).
         foreground: (n, 3) reference voxel indices (x, y, z) inside the body, to centre crops on.
     """
 
@@ -65,7 +66,7 @@ class RealVolumes:
     moving_clean: sitk.Image
     clean_norm: IntensityNormalization
     aligned_clean: sitk.Image
-    truth: sitk.Image
+    truth: sitk.Transform
     foreground: np.ndarray
 
 
@@ -86,8 +87,8 @@ def _load(case: Any, info: Dict[str, Any], folder: Path, variants: int, seed: in
     movings.append(("none", clean, clean_norm))
     # crops are centred in the body where the moving scan has data (a partial field of view covers a slab)
     ones = sitk.Cast(moving * 0 + 1, sitk.sitkUInt8)
-    covered = sitk.Resample(ones, reference, _through(sitk.Cast(case.truth_displacement, sitk.sitkVectorFloat64)),
-                            sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    truth = sitk.DisplacementFieldTransform(sitk.Cast(case.truth_displacement, sitk.sitkVectorFloat64))
+    covered = sitk.Resample(ones, reference, truth, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     inside = sitk.GetArrayViewFromImage(foreground_mask(reference)) * sitk.GetArrayViewFromImage(covered)
     fg = np.argwhere(inside > 0)[:, ::-1]  # (x, y, z)
     if len(fg) == 0:
@@ -97,7 +98,7 @@ def _load(case: Any, info: Dict[str, Any], folder: Path, variants: int, seed: in
         reference=reference, reference_norm=normalization(reference, "reference")[0], movings=movings,
         moving_clean=clean, clean_norm=clean_norm,
         aligned_clean=sitk.Cast(case.truth_aligned, sitk.sitkFloat32),
-        truth=sitk.Cast(case.truth_displacement, sitk.sitkVectorFloat64),
+        truth=truth,
         foreground=fg[:: max(1, len(fg) // 20000)].astype(np.float64),
     )
 
@@ -130,12 +131,10 @@ def _residual_field(rng: np.random.Generator, size: int, spacing: float, max_rot
                     max_trans_mm: float, max_scale: float, nonrigid_mm: float) -> np.ndarray:
     """v on the crop grid, (3, D, H, W), crop voxels, channels (x, y, z): rigid + scaling about the centre and
     a smooth field (Gaussian vectors on a 4³ cell-centred control grid, trilinear)."""
-    from scipy.spatial.transform import Rotation
-
     c = (size - 1) / 2.0
     z, y, x = np.meshgrid(*[np.arange(size, dtype=np.float64) - c] * 3, indexing="ij")
     p = np.stack([x, y, z])  # (3, D, H, W), voxels from the centre
-    rot = Rotation.from_euler("xyz", rng.uniform(-max_rot_deg, max_rot_deg, 3), degrees=True).as_matrix()
+    rot = rotation_matrix(rng.uniform(-max_rot_deg, max_rot_deg, 3))
     a = rot @ np.diag(1.0 + rng.uniform(-max_scale, max_scale, 3))
     t = rng.uniform(-max_trans_mm, max_trans_mm, 3) / spacing
     v = np.einsum("ij,jdhw->idhw", a - np.eye(3), p) + t[:, None, None, None]
@@ -145,17 +144,9 @@ def _residual_field(rng: np.random.Generator, size: int, spacing: float, max_rot
     return (v + smooth).astype(np.float32)
 
 
-def _field_image(v_vox: np.ndarray, grid: sitk.Image) -> sitk.Image:
-    """(3, D, H, W) crop-voxel field (x, y, z) -> LPS-mm vector image on ``grid``."""
-    d = np.asarray(grid.GetDirection()).reshape(3, 3)
-    mm = np.einsum("ij,jdhw->dhwi", d * np.asarray(grid.GetSpacing())[None, :], v_vox.astype(np.float64))
-    image = sitk.GetImageFromArray(mm, isVector=True)
-    image.CopyInformation(grid)
-    return image
-
-
 def _through(field_mm: sitk.Image) -> sitk.Transform:
-    return sitk.DisplacementFieldTransform(sitk.Image(field_mm))  # the transform takes ownership: a copy
+    """``x -> x + v(x)`` of a crop-grid LPS-mm field (the transform takes ownership of its image: a copy)."""
+    return sitk.DisplacementFieldTransform(sitk.Image(field_mm))
 
 
 class RealCrops(Dataset):
@@ -201,10 +192,10 @@ class RealCrops(Dataset):
         grid = _crop_grid(vol.reference, centre, self.size, spacing)
         v = _residual_field(rng, self.size, spacing, *self.bounds)
         u = invert_field(v)
-        v_mm = _field_image(v, grid)
-        # phi(x) = y + T(y), y = x + v(x): the truth composed after the residual misalignment
-        truth_at_y = sitk.Resample(vol.truth, grid, _through(v_mm), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-        phi = _through(sitk.Add(sitk.Cast(v_mm, sitk.sitkVectorFloat64), truth_at_y))
+        residual = _through(field_voxels_to_image(v, grid))
+        # phi(x) = y + T(y), y = x + v(x): the truth applied after the residual misalignment (ITK's composite
+        # applies its last-added transform first)
+        phi = sitk.CompositeTransform([vol.truth, residual])
         degraded = [m for m in vol.movings if m[0] != "none"]
         if rng.random() < self.none_fraction or not degraded:
             name, moving, mov_norm = vol.movings[-1]
@@ -222,7 +213,7 @@ class RealCrops(Dataset):
             "moving": sample(moving, mov_norm, phi),
             "moving_clean": sample(vol.moving_clean, vol.clean_norm, phi),
             "moving_clean_aligned": sample(vol.aligned_clean, vol.clean_norm, None),
-            "reference_moved": sample(vol.reference, vol.reference_norm, _through(v_mm)),
+            "reference_moved": sample(vol.reference, vol.reference_norm, residual),
             "field": torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)),
             "degradation": torch.tensor(DEGRADATION_CLASSES.index(name), dtype=torch.long),
             "task": torch.tensor(-1, dtype=torch.long),
