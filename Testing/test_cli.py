@@ -85,7 +85,7 @@ def test_machine_progress_lines_for_the_slicer_background_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "unifuse", "fuse", "--reference", str(ref), "--moving", str(ref), "--out",
          str(tmp_path / "o"), "--config", "tiny", "--machine-progress"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True, encoding="utf-8", timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     lines = [ln.split(" ", 2) for ln in proc.stderr.splitlines() if ln.startswith("PROGRESS ")]

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from unifuse import degradation_evidence as de
 from unifuse.config import DEGRADATION_CLASSES
+from unifuse.errors import InputImageError
 from unifuse.data import degradations as dg
 
 CT_SPACING = (1.5, 1.5, 3.0)
@@ -202,7 +203,7 @@ def test_shipped_calibration_loads():
     assert cal.classes == tuple(DEGRADATION_CLASSES)
     # evidence only: refitted with the shipped weights' probabilities, the combination scored below the
     # evidence alone on validation (docs/network.md), so the shipped file does not combine the classifier
-    assert set(cal.models) == {"evidence"} and "not combined" in cal.fitted_on["network"]
+    assert set(cal.models) == {"evidence", de.STATED_MODEL} and "not combined" in cal.fitted_on["network"]
     assert cal.fitted_on["split"] == "train"
     for m in cal.models.values():
         assert m["temperature"] > 0
@@ -241,6 +242,39 @@ def test_gates_follow_physics(evidence):
     assert ct["motion"] < 1e-9 and ct["lowdose"] < 1e-9  # no MR motion / PET dose in a CT
     pet = de.combine(evidence["pet_lowdose"])
     assert pet["metal"] < 1e-9  # no HU metal outside CT
+
+
+@pytest.mark.parametrize("name,modality,expected", [
+    ("ct", "ct", "none"), ("ct_noisy", "ct", "none"), ("ct_metal", "ct", "metal"),
+    ("mr", "mr", "none"), ("mr_rician", "mr", "none"), ("mr_noisy", "mr", "none"), ("mr_motion", "mr", "motion"),
+    ("pet", "pet", "none"), ("pet_full_dose", "pet", "none"), ("pet_lowdose", "pet", "lowdose"),
+])
+def test_stated_modality_uses_its_own_model(volumes, name, modality, expected):
+    ev = de.degradation_evidence(volumes[name], modality)
+    assert ev.stated and ev.modality == modality and ev.to_dict()["modality_stated"] is True
+    d = de.combine(ev, {c: 0.25 for c in DEGRADATION_CLASSES}, calibration=_with_network_model())
+    assert d.model == de.STATED_MODEL and not d.used_network  # the network does not enter a stated decision
+    assert d.predicted == expected, dict(d)
+    for c in ("metal", "motion", "lowdose"):  # what the modality cannot have is ruled out
+        if not de.gate_open(c, modality):
+            assert d[c] < 1e-9
+
+
+def test_stated_modality_rules_out_what_it_cannot_have(volumes):
+    # low-dose noise measured in a volume said to be MR is not called low dose, and the other way round
+    said_mr = de.combine(de.degradation_evidence(volumes["pet_lowdose"], "mr"))
+    assert said_mr["lowdose"] < 1e-9 and said_mr.predicted != "lowdose"
+    said_pet = de.combine(de.degradation_evidence(volumes["mr_motion"], "pet"))
+    assert said_pet["motion"] < 1e-9 and said_pet.predicted != "motion"
+    measured = de.degradation_evidence(volumes["mr_motion"])
+    assert measured.modality == "mr_or_pet" and not measured.stated
+
+
+def test_stated_modality_errors(volumes):
+    with pytest.raises(InputImageError, match="stated to be a CT.*state its real modality"):
+        de.degradation_evidence(volumes["mr"], "ct")
+    with pytest.raises(ValueError, match="unknown moving modality 'xray'"):
+        de.degradation_evidence(volumes["mr"], "xray")
 
 
 def _with_network_model(weight: float = 1.0) -> "de.Calibration":

@@ -42,8 +42,8 @@ def assert_same_image(a: sitk.Image, b: sitk.Image, atol=1e-4) -> None:
     np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
 
 
-def write_dicom_series(vol: sitk.Image, folder: Path, series_uid: str) -> None:
-    """Write ``vol`` as one DICOM file per slice with the minimal geometry tags."""
+def write_dicom_series(vol: sitk.Image, folder: Path, series_uid: str, modality: str = "CT") -> None:
+    """Write ``vol`` as one DICOM file per slice with the minimal geometry tags and Modality ``modality``."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -51,7 +51,7 @@ def write_dicom_series(vol: sitk.Image, folder: Path, series_uid: str) -> None:
     for k in range(vol.GetDepth()):
         s = vol[:, :, k]
         tags = {
-            "0008|0060": "CT",
+            "0008|0060": modality,
             "0008|0018": f"{series_uid}.{k + 1}",
             "0020|000d": STUDY_UID,
             "0020|000e": series_uid,
@@ -298,3 +298,16 @@ def test_written_files_get_normal_permissions_not_private_temp_ones(tmp_path):
     img = sitk.Image([4, 4, 4], sitk.sitkFloat32)
     for path in (write_image(img, tmp_path / "a.nii.gz"), write_json({"a": 1}, tmp_path / "r.json")):
         assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()
+
+
+@pytest.mark.parametrize("tag,expected", [("CT", "ct"), ("MR", "mr"), ("PT", "pet"), ("US", None)])
+def test_dicom_series_keeps_its_modality(tmp_path, tag, expected):
+    write_dicom_series(volume(shape=(6, 7, 8), seed=3), tmp_path / "s", "1.2.826.0.1.3680043.2.1125.1.102", tag)
+    img = uio.read_image(tmp_path / "s")
+    assert img.GetMetaData(uio.DICOM_MODALITY_TAG) == tag
+    assert uio.header_modality(img) == expected
+
+
+def test_other_formats_have_no_header_modality(tmp_path):
+    uio.write_image(volume(), tmp_path / "v.nrrd")
+    assert uio.header_modality(uio.read_image(tmp_path / "v.nrrd")) is None

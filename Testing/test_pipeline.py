@@ -16,7 +16,7 @@ import torch
 import unifuse
 from unifuse import geometry
 from unifuse.config import DEGRADATION_CLASSES, tiny
-from unifuse.errors import DeviceError, OutputExistsError, UniFuseError
+from unifuse.errors import DeviceError, InputImageError, OutputExistsError, UniFuseError
 from network_doubles import FieldNet
 from unifuse import stages
 from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE, LoadedModel, fuse
@@ -196,6 +196,32 @@ def test_degradation_override_reaches_the_network_and_report():
     assert forced.report["degradation"]["mixture"]["lowdose"] == 1.0
     with pytest.raises(UniFuseError, match="unknown degradation"):
         fuse(reference, moving, degradation="blurry", device="cpu", model=loaded)
+    assert deg["moving_modality"] == {"requested": "auto", "stated": "auto", "used": "mr_or_pet",
+                                      "source": "measured (HU scale: CT or not)"}
+
+
+def test_stated_moving_modality_reaches_the_decision_and_report():
+    reference = _image(**REF_GEOM, fn=_blobs)
+    moving = _image(**MOV_GEOM, fn=_blobs)
+    loaded = _loaded(FieldNet())
+    pet = fuse(reference, moving, moving_modality="pet", device="cpu", model=loaded, **GEOMETRY_ONLY)
+    deg = pet.report["degradation"]
+    assert deg["moving_modality"] == {"requested": "pet", "stated": "pet", "used": "pet", "source": "user"}
+    assert deg["decision"]["model"] == "evidence+modality"
+    assert pet.probabilities["motion"] < 1e-9 and pet.probabilities["metal"] < 1e-9  # not in a PET
+    assert deg["mixture"] == pytest.approx(pet.probabilities)
+    moving.SetMetaData("0008|0060", "MR")  # what io.read_image keeps from a DICOM series
+    mr = fuse(reference, moving, device="cpu", model=loaded, **GEOMETRY_ONLY)
+    assert mr.report["degradation"]["moving_modality"]["source"] == "DICOM header"
+    assert mr.probabilities["lowdose"] < 1e-9 and mr.probabilities["metal"] < 1e-9
+    with pytest.raises(UniFuseError, match="unknown moving modality"):
+        fuse(reference, moving, moving_modality="xray", device="cpu", model=loaded)
+    with pytest.raises(InputImageError, match="stated to be a CT"):  # not HU: the user's statement is refused
+        fuse(reference, moving, moving_modality="ct", device="cpu", model=loaded, **GEOMETRY_ONLY)
+    moving.SetMetaData("0008|0060", "CT")  # a header that contradicts the voxels is only noted
+    ct = fuse(reference, moving, device="cpu", model=loaded, **GEOMETRY_ONLY)
+    assert ct.report["degradation"]["moving_modality"]["source"] == "measured (DICOM header contradicted)"
+    assert any("DICOM header says" in n for n in ct.report["notes"])
 
 
 def test_untrained_network_runs_every_stage_end_to_end_and_says_so(tmp_path):

@@ -145,7 +145,9 @@ def _print_summary(report: dict, out: Path) -> None:
     probs = ", ".join(f"{k} {v:.2f}" for k, v in deg["probabilities"].items())
     print(f"model      {report['model']['id']} ({'trained' if report['model']['trained'] else 'UNTRAINED'})")
     print(f"device     {report['device']}")
-    print(f"degradation used: {deg['used']} (calibrated probabilities: {probs})")
+    modality = deg.get("moving_modality", {})
+    print(f"degradation used: {deg['used']} (calibrated probabilities: {probs}; moving modality "
+          f"{modality.get('used', '?')}, {modality.get('source', '?')})")
     for stage in report["stages"]:
         verdict = "" if stage.get("kept") is None else ("  kept" if stage["kept"] else "  REJECTED (made it no better)")
         score = f"  score {stage['previous_score']:.4f} -> {stage['score']:.4f}" if "score" in stage else ""

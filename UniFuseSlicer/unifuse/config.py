@@ -23,6 +23,16 @@ DEGRADATION_LABELS: Dict[str, str] = {
     "metal": "CT metal artifacts + noise",
     "lowdose": "low-dose PET noise",
 }
+#: Modalities a user can state for the moving volume; ``auto``: from a DICOM header, else CT (HU scale) or
+#: MR-or-PET (:mod:`unifuse.degradation_evidence`).
+MOVING_MODALITIES: Tuple[str, ...] = ("auto", "ct", "mr", "pet")
+#: Human-readable names of :data:`MOVING_MODALITIES` for GUIs.
+MOVING_MODALITY_LABELS: Dict[str, str] = {
+    "auto": "auto (DICOM header, or CT by its HU scale)",
+    "ct": "CT",
+    "mr": "MRI",
+    "pet": "PET",
+}
 
 
 @dataclass(frozen=True)

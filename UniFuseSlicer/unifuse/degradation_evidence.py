@@ -48,7 +48,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .config import DEGRADATION_CLASSES
+from .config import DEGRADATION_CLASSES, MOVING_MODALITIES
+from .errors import InputImageError
 from .intensity import CT_AIR_FRACTION, CT_AIR_HU, looks_like_ct
 from .weights import models_dir
 
@@ -66,6 +67,10 @@ __all__ = [
     "calibration_path",
     "count_limited_score",
     "GATES",
+    "MODALITIES",
+    "STATED_MODEL",
+    "gate_open",
+    "measured_modality",
 ]
 
 #: HU at and above which a CT voxel counts as metal (scanner maximum 3071 on the standard 12-bit scale).
@@ -141,15 +146,18 @@ class Evidence:
 
     Attributes:
         features: :data:`FEATURE_NAMES` -> value (units in :data:`FEATURES`).
-        modality: ``"ct"`` or ``"mr_or_pet"``.
+        modality: ``"ct"`` or ``"mr_or_pet"`` as measured (the HU test), or the modality the user stated
+            (``"ct"``, ``"mr"``, ``"pet"``).
         details: supporting measurements (metal voxel count, ghost axis, per-axis ghost excess, voxel step...).
         seconds: time spent measuring.
+        stated: whether ``modality`` was stated by the user rather than measured.
     """
 
     features: Dict[str, float]
     modality: str
     details: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    stated: bool = False
 
     def vector(self, names: Sequence[str] = FEATURE_NAMES) -> np.ndarray:
         """The features in ``names`` order as float64."""
@@ -160,6 +168,7 @@ class Evidence:
         return {
             "features": {n: {"value": float(v), "unit": FEATURES[n][0]} for n, v in self.features.items()},
             "modality": self.modality,
+            "modality_stated": self.stated,
             "details": dict(self.details),
             "seconds": float(self.seconds),
         }
@@ -174,7 +183,8 @@ class DegradationDecision(Mapping[str, float]):
         evidence: the measured :class:`Evidence`.
         cues: class -> whether its physical cue fired (thresholds in the calibration file).
         used_network: whether network probabilities entered the model.
-        model: name of the calibrated model used (``"evidence"`` or ``"evidence+network"``).
+        model: name of the calibrated model used (``"evidence"``, ``"evidence+network"`` or
+            :data:`STATED_MODEL`).
     """
 
     probabilities: Dict[str, float]
@@ -620,9 +630,11 @@ def _noise_ratio(background_sigma: Optional[float], object_sigma: Optional[float
     return float(min(background_sigma / object_sigma, 3.0))
 
 
-def evidence_from_array(array: np.ndarray, spacing_xyz: Sequence[float], ct: bool) -> Evidence:
+def evidence_from_array(array: np.ndarray, spacing_xyz: Sequence[float], ct: bool,
+                        stated_modality: Optional[str] = None) -> Evidence:
     """:class:`Evidence` of a (z, y, x) array in physical units with (x, y, z) spacing in mm; ``ct`` says
-    whether it is a CT in HU."""
+    whether it is a CT in HU; ``stated_modality`` (``"ct"``, ``"mr"``, ``"pet"``) is the modality the user
+    gave, None when it is only measured."""
     t0 = time.perf_counter()
     a = np.asarray(array)
     if a.ndim != 3:
@@ -648,27 +660,44 @@ def evidence_from_array(array: np.ndarray, spacing_xyz: Sequence[float], ct: boo
         features["background_noise_ratio"] = _noise_ratio(details.get("background_sigma"), d.get("sigma_at_mean"))
     features["count_limited_score"] = count_limited_score(features)
     ordered = {n: float(features[n]) for n in FEATURE_NAMES}
-    return Evidence(ordered, "ct" if ct else "mr_or_pet", details, time.perf_counter() - t0)
+    modality = stated_modality or ("ct" if ct else "mr_or_pet")
+    return Evidence(ordered, modality, details, time.perf_counter() - t0, stated=stated_modality is not None)
 
 
-def degradation_evidence(image: sitk.Image) -> Evidence:
+def degradation_evidence(image: sitk.Image, modality: str = "auto") -> Evidence:
     """Measure the degradation cues of the moving volume as read (its own grid, spacing and units).
 
     Args:
         image: scalar 3D SimpleITK image, not intensity-normalised (HU for CT).
+        modality: ``"auto"`` (CT recognised by its HU scale, otherwise MR or PET), or the modality the user
+            states (:data:`MODALITIES`): it closes the gates of the degradations that modality cannot have
+            (:data:`GATES`) and selects the calibrated model fitted with known modality.
 
     Returns:
         :class:`Evidence`. Cost is bounded for any size: the CT test and percentiles use a regular sub-sample
         of <= :data:`SAMPLE_VOXELS` voxels, ghosting a strided copy of <= :data:`GHOST_VOXELS` voxels, noise
         <= :data:`NOISE_SLICES` slices and streaks <= :data:`STREAK_SLICES` slices at full resolution; only the
         metal threshold runs over every voxel.
+
+    Raises:
+        ValueError: not a scalar 3D image, or an unknown ``modality``.
+        InputImageError: ``modality="ct"`` for a volume that is not in Hounsfield units.
     """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown moving modality {modality!r}; use one of {', '.join(MODALITIES)}")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("degradation evidence needs a scalar 3D image")
     array = sitk.GetArrayViewFromImage(image)
     step = _step_for(array.size, SAMPLE_VOXELS)
     ct = is_hu_volume(image, np.asarray(array[::step, ::step, ::step]))
-    return evidence_from_array(array, image.GetSpacing(), ct)
+    if modality == "ct" and not ct:
+        raise InputImageError(
+            "the moving volume was stated to be a CT, but it is not in Hounsfield units (no air near -1000 HU), "
+            "so its metal cues cannot be measured; state its real modality (mr or pet), or let it be detected "
+            "(moving modality auto)")
+    if modality in ("mr", "pet"):
+        ct = False
+    return evidence_from_array(array, image.GetSpacing(), ct, None if modality == "auto" else modality)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -677,10 +706,15 @@ def degradation_evidence(image: sitk.Image) -> Evidence:
 #: File name of the shipped calibration in ``UniFuseSlicer/Resources/Models``.
 CALIBRATION_NAME = "degradation_evidence.json"
 CALIBRATION_FORMAT = "unifuse.degradation_evidence/2"
-#: Which volumes a degradation can occur in (physics): metal artefacts in CT, motion ghosts and low-dose
-#: noise in MR/PET. A class whose gate is closed gets the logit :data:`CLOSED_LOGIT` (probability ~1e-13).
-GATES: Dict[str, str] = {"metal": "ct", "motion": "not_ct", "lowdose": "not_ct"}
+#: Moving modalities a user can state; ``auto`` measures only CT versus not CT (``"mr_or_pet"``).
+MODALITIES: Tuple[str, ...] = MOVING_MODALITIES
+#: Which modalities a degradation can occur in (physics): metal artefacts in CT, motion ghosts in MR,
+#: count-limited (low-dose) noise in PET; a volume known only as not CT (``"mr_or_pet"``) may have either.
+#: A class whose gate is closed gets the logit :data:`CLOSED_LOGIT` (probability ~1e-13).
+GATES: Dict[str, Tuple[str, ...]] = {"metal": ("ct",), "motion": ("mr", "mr_or_pet"), "lowdose": ("pet", "mr_or_pet")}
 CLOSED_LOGIT: float = -30.0
+#: Name of the calibrated model fitted with the modality known (used when the user states it).
+STATED_MODEL: str = "evidence+modality"
 
 #: Physical cue rules used when a calibration file does not define its own: class -> {"all": [...],
 #: "any": [...]} of ``[feature, ">=" or "<=", value]``; a cue fires when every "all" condition and at least
@@ -693,9 +727,14 @@ DEFAULT_CUES: Dict[str, Dict[str, List[List[Any]]]] = {
 }
 
 
-def _gate_open(gate: str, features: Mapping[str, float]) -> bool:
-    ct = float(features["ct_like"]) >= 0.5
-    return ct if gate == "ct" else (not ct if gate == "not_ct" else True)
+def measured_modality(features: Mapping[str, float]) -> str:
+    """``"ct"`` or ``"mr_or_pet"`` from the HU test recorded in ``features["ct_like"]``."""
+    return "ct" if float(features["ct_like"]) >= 0.5 else "mr_or_pet"
+
+
+def gate_open(degradation: str, modality: str) -> bool:
+    """Whether ``degradation`` can occur in a volume of ``modality`` (:data:`GATES`)."""
+    return modality in GATES[degradation]
 
 
 @dataclass(frozen=True)
@@ -711,7 +750,8 @@ class Calibration:
     Attributes:
         classes: class order (:data:`unifuse.config.DEGRADATION_CLASSES`).
         clip: feature -> (low, high) clipping applied first.
-        models: ``"evidence"`` and optionally ``"evidence+network"`` -> {"inputs": {class: [features]},
+        models: ``"evidence"`` and optionally ``"evidence+network"`` and :data:`STATED_MODEL` (fitted with the
+            modality known) -> {"inputs": {class: [features]},
             "mean", "scale", "weights": {class: [...]}, "bias": {class: float}, "network_weight": [4] or
             absent, "temperature"}.
         cues: class -> cue rule (see :data:`DEFAULT_CUES`).
@@ -796,13 +836,15 @@ def network_log_probs(network_probs: Mapping[str, float], classes: Sequence[str]
 
 def model_logits(features: Mapping[str, float], model: Mapping[str, Any], clip: Mapping[str, Tuple[float, float]],
                  classes: Sequence[str] = DEGRADATION_CLASSES,
-                 network_probs: Optional[Mapping[str, float]] = None) -> np.ndarray:
-    """Logits of one gated model (before the temperature), in ``classes`` order."""
+                 network_probs: Optional[Mapping[str, float]] = None, modality: Optional[str] = None) -> np.ndarray:
+    """Logits of one gated model (before the temperature), in ``classes`` order; the gates follow
+    ``modality`` (default: measured from ``features``)."""
+    modality = modality or measured_modality(features)
     logits = np.zeros(len(classes))
     for i, c in enumerate(classes):
         if c not in GATES:
             continue
-        if not _gate_open(GATES[c], features):
+        if not gate_open(c, modality):
             logits[i] = CLOSED_LOGIT
             continue
         x = np.array([float(np.clip(features[f], *clip.get(f, (-np.inf, np.inf)))) for f in model["inputs"][c]])
@@ -821,8 +863,9 @@ def combine(
     """Calibrated degradation probabilities from the evidence and, if given, the network's probabilities.
 
     The gated logistic model of :class:`Calibration` (default: the shipped file), fitted on simulated
-    training cases. Without network probabilities (e.g. an untrained network) the evidence-only model is used,
-    which is calibrated on its own.
+    training cases. When the user stated the modality (``evidence.stated``) the model fitted with the modality
+    known (:data:`STATED_MODEL`) is used, the network's probabilities left out; otherwise, without network
+    probabilities (e.g. an untrained network) the evidence-only model, which is calibrated on its own.
 
     Returns:
         :class:`DegradationDecision` — a mapping class -> probability (sums to 1) carrying the evidence, the
@@ -832,10 +875,12 @@ def combine(
         ValueError: network probabilities that lack a class, are negative or not finite.
     """
     cal = calibration if calibration is not None else load_calibration()
-    use_network = network_probs is not None and "evidence+network" in cal.models
-    name = "evidence+network" if use_network else "evidence"
+    stated = evidence.stated and STATED_MODEL in cal.models
+    use_network = not stated and network_probs is not None and "evidence+network" in cal.models
+    name = STATED_MODEL if stated else "evidence+network" if use_network else "evidence"
     model = cal.models[name]
-    logits = model_logits(evidence.features, model, cal.clip, cal.classes, network_probs if use_network else None)
+    logits = model_logits(evidence.features, model, cal.clip, cal.classes, network_probs if use_network else None,
+                          evidence.modality)
     logits = logits / float(model["temperature"])
     logits -= logits.max()
     p = np.exp(logits)

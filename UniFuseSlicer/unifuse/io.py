@@ -28,7 +28,7 @@ import stat
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,6 +42,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "read_image",
     "find_dicom_series",
+    "header_modality",
     "validate_volume",
     "write_image",
     "write_json",
@@ -184,12 +185,30 @@ def _read_dicom_folder(p: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise InputImageError(
             f"cannot read the DICOM series {uid} ({len(names)} files) in '{p}': {_first_line(exc)}; "
             "re-export the series from the scanner/PACS or convert it to NIfTI"
         ) from exc
+    modality = _tag(_dicom_header(names[0]), DICOM_MODALITY_TAG)
+    if modality:  # the series reader keeps no tags; this one steers the degradation detection
+        image.SetMetaData(DICOM_MODALITY_TAG, modality)
+    return image
+
+
+#: DICOM Modality attribute (0008,0060) as SimpleITK names it.
+DICOM_MODALITY_TAG = "0008|0060"
+#: DICOM Modality values -> the moving modalities of :data:`unifuse.degradation_evidence.MODALITIES`.
+_DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet"}
+
+
+def header_modality(image: sitk.Image) -> Optional[str]:
+    """``"ct"``, ``"mr"`` or ``"pet"`` from the DICOM Modality attribute that :func:`read_image` keeps for DICOM
+    inputs (a single DICOM file keeps it too); None for other formats or other modalities."""
+    if not image.HasMetaDataKey(DICOM_MODALITY_TAG):
+        return None
+    return _DICOM_MODALITIES.get(image.GetMetaData(DICOM_MODALITY_TAG).strip().upper())
 
 
 def _dicom_header(name: str) -> sitk.ImageFileReader:

@@ -41,8 +41,8 @@ import SimpleITK as sitk
 from . import __version__, error_maps, geometry, resources
 from .config import DEGRADATION_CLASSES, ModelConfig, get_config
 from .degradation_evidence import combine, degradation_evidence
-from .errors import CancelledError, DeviceError, InsufficientMemoryError, UniFuseError
-from .io import read_image, validate_volume
+from .errors import CancelledError, DeviceError, InputImageError, InsufficientMemoryError, UniFuseError
+from .io import header_modality, read_image, validate_volume
 from .options import FuseOptions
 from .outputs import result_files, write_outputs
 from .registration.affine import AffineSettings, register_affine
@@ -527,6 +527,18 @@ def _native_fusion(run: _Run, loaded: LoadedModel, ref_img: sitk.Image, aligned:
 # main entry point
 
 
+
+def _moving_modality(requested: str, moving: sitk.Image) -> Dict[str, str]:
+    """The moving modality the degradation detection is told: the user's, else a DICOM header's, else
+    ``"auto"`` (measured). Returns {"requested", "stated", "source"}; the pipeline adds "used"."""
+    if requested != "auto":
+        return {"requested": requested, "stated": requested, "source": "user"}
+    from_header = header_modality(moving)
+    if from_header is not None:
+        return {"requested": requested, "stated": from_header, "source": "DICOM header"}
+    return {"requested": requested, "stated": "auto", "source": "measured (HU scale: CT or not)"}
+
+
 def fuse(
     reference: ImageLike,
     moving: ImageLike,
@@ -568,15 +580,27 @@ def fuse(
 
     with run.stage("read", 0.0, "reading inputs"):
         ref_img = validate_volume(_as_image(reference, "reference"), "reference")
-        mov_img = validate_volume(_as_image(moving, "moving"), "moving")
+        mov_read = _as_image(moving, "moving")
+        modality = _moving_modality(opts.moving_modality, mov_read)  # before the float copy drops the header
+        mov_img = validate_volume(mov_read, "moving")
         masks = (stages.read_mask(opts.reference_mask, "reference"), stages.read_mask(opts.moving_mask, "moving"))
         degradation_id = parse_degradation(opts.degradation)
         dev = resolve_device(opts.device)
         memory = _check_reference_memory(ref_img, mov_img)
         ref_norm, ref_step = stages.normalization(ref_img, "reference")
-        mov_norm, mov_step = stages.normalization(mov_img, "moving")
+        # a stated MR/PET is never windowed as CT; a CT is recognised by its HU scale either way
+        mov_norm, mov_step = stages.normalization(mov_img, "moving", modality["stated"] if modality["stated"] in
+                                                  ("mr", "pet") else "auto")
     with run.stage("degradation_evidence", 0.04, "measuring degradation cues"):
-        evidence = degradation_evidence(mov_img)  # on the moving volume as read: its own grid and units
+        try:  # on the moving volume as read: its own grid and units
+            evidence = degradation_evidence(mov_img, modality["stated"])
+        except InputImageError as exc:
+            if modality["source"] != "DICOM header":
+                raise
+            run.note(f"the DICOM header says the moving volume is a CT, but {exc}; its modality is detected instead")
+            modality = {**modality, "stated": "auto", "source": "measured (DICOM header contradicted)"}
+            evidence = degradation_evidence(mov_img)
+        modality["used"] = evidence.modality
 
     with run.stage("load_model", 0.05, "loading the network"):
         loaded = model if model is not None else load_model(opts.weights, opts.config, dev, opts.seed)
@@ -676,6 +700,7 @@ def fuse(
         },
         "degradation": {
             "requested": opts.degradation,
+            "moving_modality": modality,
             "predicted": predicted,
             "used": used,
             "probabilities": {name: float(decision[name]) for name in DEGRADATION_CLASSES},

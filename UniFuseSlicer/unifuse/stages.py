@@ -60,8 +60,9 @@ def read_mask(mask: Any, role: str) -> Optional[sitk.Image]:
     return out
 
 
-def normalization(image: sitk.Image, role: str) -> Tuple[IntensityNormalization, int]:
-    """The intensity normalisation of ``image`` and the sub-sampling step used to compute it (1 = all voxels).
+def normalization(image: sitk.Image, role: str, modality: str = "auto") -> Tuple[IntensityNormalization, int]:
+    """The intensity normalisation of ``image`` (``modality`` as in :func:`unifuse.intensity.normalize_image`)
+    and the sub-sampling step used to compute it (1 = all voxels).
 
     Raises:
         InputImageError: the volume has no contrast to normalise (message names ``role``).
@@ -69,7 +70,7 @@ def normalization(image: sitk.Image, role: str) -> Tuple[IntensityNormalization,
     step = max(1, math.ceil((image.GetNumberOfPixels() / NORMALIZATION_MAX_VOXELS) ** (1.0 / 3.0)))
     sample = image if step == 1 else image[::step, ::step, ::step]
     try:
-        return normalize_image(sample)[1], step
+        return normalize_image(sample, modality)[1], step
     except InputImageError as exc:
         raise InputImageError(f"the {role} image cannot be normalised: {exc}") from exc
 

@@ -10,8 +10,9 @@ Measurement script, not a test. Three steps, each resumable:
     .venv/bin/python docs/probes/degradation_evidence_fit.py renetwork --cache /tmp/de_cache --weights NEW.pt
     # 2. fit on the TRAINING samples only; write the calibration JSON
     .venv/bin/python docs/probes/degradation_evidence_fit.py fit --cache /tmp/de_cache \\
-        --write UniFuseSlicer/Resources/Models/degradation_evidence.json
-    # 3. score the VALIDATION samples (accuracy per class, confusion matrix, ECE) with and without the network
+        --write UniFuseSlicer/Resources/Models/degradation_evidence.json [--without-network REASON]
+    # 3. score the VALIDATION samples (accuracy per class, confusion matrix, ECE): evidence alone, with the
+    #    modality stated (as a user who knows it does), and with the network
     .venv/bin/python docs/probes/degradation_evidence_fit.py validate --cache /tmp/de_cache
 
 Samples come from the real volumes of ``unifuse data real`` (``real_data/volumes``) and its built cases
@@ -398,9 +399,14 @@ class Design:
     lnp: Optional[np.ndarray]  # (n, 4) log network probabilities
 
 
-def design(rows: List[Dict[str, Any]], network: bool) -> Design:
+def gate_modality(row: Dict[str, Any], stated: bool) -> str:
+    """The modality that opens the gates: the sample's true modality when the user states it, else measured."""
+    return row["modality"] if stated else de.measured_modality(row["features"])
+
+
+def design(rows: List[Dict[str, Any]], network: bool, stated: bool = False) -> Design:
     y = np.array([CLASSES.index(r["label"]) for r in rows])
-    opened = {c: np.array([de._gate_open(de.GATES[c], r["features"]) for r in rows]) for c in de.GATES}
+    opened = {c: np.array([de.gate_open(c, gate_modality(r, stated)) for r in rows]) for c in de.GATES}
     x = {c: np.array([[float(np.clip(r["features"][f], *CLIP[f])) for f in INPUTS[c]] for r in rows]) for c in de.GATES}
     lnp = np.array([de.network_log_probs(r["network"]) for r in rows]) if network else None
     return Design(y, opened, x, lnp)
@@ -486,10 +492,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_model(rows: List[Dict[str, Any]], network: bool,
-              l2_grid: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1)) -> Dict[str, Any]:
+              l2_grid: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1), stated: bool = False) -> Dict[str, Any]:
     """L2 strength by leave-one-subject-out NLL, the temperature on those out-of-fold logits, then the final fit
     on all training rows."""
-    d = design(rows, network)
+    d = design(rows, network, stated)
     subjects = np.array([r["subject"] for r in rows])
     best: Optional[Tuple[float, float, np.ndarray]] = None
     for l2 in l2_grid:
@@ -547,7 +553,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
     rows = load(Path(args.cache), "train")
     print(f"{len(rows)} training samples:", {c: sum(r['label'] == c for r in rows) for c in CLASSES})
     models = {"evidence": fit_model(rows, network=False)}
-    if all("network" in r for r in rows):
+    print("modality stated:")
+    models[de.STATED_MODEL] = fit_model(rows, network=False, stated=True)
+    if all("network" in r for r in rows) and not args.without_network:
         models["evidence+network"] = fit_model(rows, network=True)
     calib = {
         "format": de.CALIBRATION_FORMAT,
@@ -563,6 +571,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
             "script": "docs/probes/degradation_evidence_fit.py",
         },
     }
+    if args.without_network:
+        calib["fitted_on"]["network"] = f"not combined: {args.without_network}"
     text = json.dumps(calib, indent=1)
     if args.write:
         Path(args.write).write_text(text + "\n")
@@ -588,11 +598,14 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     return total
 
 
-def score(rows: List[Dict[str, Any]], calibration: de.Calibration, network: bool) -> Dict[str, Any]:
+def score(rows: List[Dict[str, Any]], calibration: de.Calibration, network: bool,
+          stated: bool = False) -> Dict[str, Any]:
+    """Accuracy, confusion, ECE, NLL of the calibration on ``rows``: with the network's probabilities
+    (``network``), or with the modality stated as the user would (``stated``), else from the evidence alone."""
     y = np.array([CLASSES.index(r["label"]) for r in rows])
     probs = []
     for r in rows:
-        ev = de.Evidence(r["features"], "ct" if r["features"]["ct_like"] else "mr_or_pet")
+        ev = de.Evidence(r["features"], gate_modality(r, stated), stated=stated)
         d = de.combine(ev, r.get("network") if network else None, calibration=calibration)
         probs.append([d[c] for c in CLASSES])
     p = np.array(probs)
@@ -635,11 +648,13 @@ def cmd_validate(args: argparse.Namespace) -> None:
     for split in args.splits:
         rows = load(Path(args.cache), split)
         print(f"\n== {split}: {len(rows)} samples", {c: sum(r['label'] == c for r in rows) for c in CLASSES})
-        variants = (False, True) if all("network" in r for r in rows) and "evidence+network" in calibration.models \
-            else (False,)
-        for network in variants:
-            s = score(rows, calibration, network)
-            name = "evidence+network" if network else "evidence"
+        variants = [("evidence", False, False)]
+        if de.STATED_MODEL in calibration.models:
+            variants.append((de.STATED_MODEL, False, True))
+        if all("network" in r for r in rows) and "evidence+network" in calibration.models:
+            variants.append(("evidence+network", True, False))
+        for name, network, stated in variants:
+            s = score(rows, calibration, network, stated)
             summary[f"{split}/{name}"] = {k: v for k, v in s.items() if k not in ("pred", "probs")}
             print(f"-- {name}: accuracy {s['accuracy']:.3f}  ECE10 {s['ece10']:.3f}  NLL {s['nll']:.3f}  "
                   f"real clean volumes 'none' {s['real_none_accuracy']} (n={s['real_none_n']})")
@@ -682,6 +697,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = sub.add_parser("fit")
     p.add_argument("--cache", default="/tmp/de_cache")
     p.add_argument("--write")
+    p.add_argument("--without-network", metavar="REASON",
+                   help="do not fit the evidence+network model; REASON is recorded in fitted_on.network")
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("validate")
     p.add_argument("--cache", default="/tmp/de_cache")

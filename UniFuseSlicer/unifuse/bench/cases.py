@@ -99,6 +99,8 @@ class BenchCase:
         moving_labels: integer labels in the moving pose, moving grid.
         info: what else is known (real cases: the ``case.json`` fields category, subject, body_part,
             degradation).
+        moving_modality: the moving volume's modality (``ct``, ``mr``, ``pet``) when known; UniFuse is told it
+            as a user who knows what they scanned would (``FuseOptions.moving_modality``).
     """
 
     name: str
@@ -111,6 +113,7 @@ class BenchCase:
     reference_labels: Optional[sitk.Image] = None
     moving_labels: Optional[sitk.Image] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    moving_modality: Optional[str] = None
 
 
 def moving_pose_labels(reference_labels: sitk.Image, truth_displacement: sitk.Image, moving_grid: sitk.Image) -> sitk.Image:
@@ -158,7 +161,7 @@ def synthetic_cases(
     Yields:
         :class:`BenchCase` with all truth fields set (labels: 0 background, 1 CSF, 2 GM, 3 WM, 4 bone, 5 scalp).
     """
-    from ..data.synthetic import TASKS, make_demo_case
+    from ..data.synthetic import TASKS, make_demo_case, normalisation_modality
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -180,6 +183,7 @@ def synthetic_cases(
                 truth_displacement=demo.displacement_gt,
                 reference_labels=labels,
                 moving_labels=moving_pose_labels(labels, demo.displacement_gt, demo.moving),
+                moving_modality=normalisation_modality(TASKS[task].moving),
             )
 
 
@@ -312,7 +316,10 @@ def _info(record: Dict[str, Any]) -> Dict[str, Any]:
 def _as_real_case(case: BenchCase, record: Dict[str, Any]) -> BenchCase:
     """``case`` with ``task`` = its category and ``info`` = the reported fields of its ``case.json``."""
     info = _info(record)
-    return replace(case, task=str(info["category"]), degradation=case.degradation or info["degradation"], info=info)
+    moving = record.get("moving")
+    modality = moving.get("modality") if isinstance(moving, dict) else None
+    return replace(case, task=str(info["category"]), degradation=case.degradation or info["degradation"], info=info,
+                   moving_modality=modality if modality in ("ct", "mr", "pet") else None)
 
 
 def real_cases(cache: Union[str, Path], split: str = "validation") -> List[BenchCase]:

@@ -5,7 +5,8 @@ For every case (:mod:`unifuse.bench.cases`: the synthetic held-out tasks, ``--pa
 
 * **UniFuse pipeline runs** (:data:`PIPELINE_VARIANTS`) — :func:`unifuse.pipeline.fuse` with one network
   loaded once (shipped weights, ``--weights``, or an untrained network that the report flags),
-  ``degradation="auto"``, fused volume in [0, 1] (``map_back=False``), each with its own options: ``unifuse``
+  ``degradation="auto"`` with the case's moving modality stated when known (``BenchCase.moving_modality``), fused
+  volume in [0, 1] (``map_back=False``), each with its own options: ``unifuse``
   (the defaults), ``unifuse-refine-fast`` / ``unifuse-refine-full`` (with a refinement), and the ablations
   without the network's field: ``affine+refine-fast``, ``affine+refine-full`` and ``affine-only``. Every run
   records the guard's decisions (``report["alignment"]``) and its per-stage times (``report["timings_s"]``).
@@ -460,13 +461,15 @@ def _run_variant(name: str, rec: _CaseRun, opts: BenchOptions, loaded: Any, devi
     try:
         with measure(device if device.type == "cuda" else None) as m:
             result = fuse(case.reference, case.moving, degradation="auto", device=str(device), model=loaded,
-                          spacing_mm=opts.spacing_mm, map_back=False, **overrides)
+                          spacing_mm=opts.spacing_mm, map_back=False,
+                          moving_modality=case.moving_modality or "auto", **overrides)
         report = result.report
         values = rec.alignment_row(name, result.aligned, result.displacement, m, opts.mind, result.jacobian, {
             "options": {"network": overrides.get("network", True), "refine": report["options"]["refine"]},
             "guard": report["alignment"], "timings_s": report["timings_s"],
             "working_grid_spacing_mm": report["working_grid"].get("spacing_mm"),
             "degradation_true": case.degradation, "degradation_predicted": report["degradation"]["predicted"],
+            "moving_modality": report["degradation"]["moving_modality"],
             "warnings": report.get("warnings", [])})
         if rec.fusion or not opts.real:  # synthetic/pairs: UniFuse's own fused volume always has a row
             rec.fusion_row(name, name, name, sitk.GetArrayFromImage(result.fused), m.seconds, _memory(m))
