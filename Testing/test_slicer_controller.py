@@ -22,7 +22,7 @@ from UniFuseSlicerLib import background, display, logic, selftest, volumes  # no
 from UniFuseSlicerLib.controller import RunController, RunRequest, RunView  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_slicer_logic import input_state, assert_unchanged, synthetic_pair  # noqa: E402
+from test_slicer_logic import FakeDicomDatabase, as_dicom_loaded, input_state, assert_unchanged, synthetic_pair  # noqa: E402
 
 FAST = dict(device="cpu", config="tiny", spacing_mm=4.0, affine="none", refine="none")
 
@@ -109,9 +109,11 @@ def scene_pair():
 
 def test_background_success_then_rerun_updating_the_previous_result(scene_pair):
     scene, reference, moving = scene_pair
+    as_dicom_loaded(moving)  # its DICOM database is closed until the third run
+    database = FakeDicomDatabase({"1.2.840.1": "MR"}, is_open=False)
     states = {"reference": input_state(reference), "moving": input_state(moving)}
     view = RecordingView()
-    controller = RunController(logic.FusionLogic(scene), view)
+    controller = RunController(logic.FusionLogic(scene, dicom_database=database), view)
     before = len(node_ids(scene))
 
     assert controller.start(RunRequest(reference, moving, options=FAST))
@@ -139,22 +141,40 @@ def test_background_success_then_rerun_updating_the_previous_result(scene_pair):
     center = [red.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
     np.testing.assert_allclose(center, [(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)], atol=1.0)
     assert moving.GetParentTransformNode() is None  # not asked for
+    # no DICOM modality (closed database): the core measured the modality, the summary says so
+    assert first.report["degradation"]["moving_modality"]["source"] == "measured (HU scale: CT or not)"
+    assert "Moving modality: MRI or PET (measured by the HU scale)" in first.summary().splitlines()
+    assert not any("--moving-modality" in line for line in view.lines)
 
-    # rerun, "update the previous result": the same nodes are overwritten, nothing is added
+    # rerun, "update the previous result": the same nodes are overwritten, nothing is added; the moving
+    # modality chosen in the GUI reaches the CLI
     ids, items = node_ids(scene), sh_items(scene)
-    assert controller.start(RunRequest(reference, moving, options={**FAST, "degradation": "motion"},
+    assert controller.start(RunRequest(reference, moving, options={**FAST, "degradation": "motion",
+                                                                   "moving_modality": "mr"},
                                        output_mode="update"))
+    assert controller.background_run.options.moving_modality == "mr"
     poll_to_end(controller)
     second = view.outcomes[-1].nodes
     assert view.outcomes[-1].succeeded
     assert node_ids(scene) == ids and sh_items(scene) == items
     assert all(second.node(role) is first.node(role) for role in logic.ROLES)
     assert second.degradation == "motion" and second.folder_item == first.folder_item
-    # a third run with new nodes adds a second set
-    assert controller.start(RunRequest(reference, moving, options=FAST, output_mode="new"))
+    assert second.report["degradation"]["moving_modality"] == {"requested": "mr", "stated": "mr", "source": "user",
+                                                               "used": "mr"}
+    assert "Moving modality: MRI (set by the user)" in second.summary().splitlines()
+    # a third run with new nodes adds a second set; "auto" now finds the moving volume's DICOM modality
+    database.isOpen = True
+    view.lines.clear()
+    assert controller.start(RunRequest(reference, moving, options={**FAST, "moving_modality": "auto"},
+                                       output_mode="new"))
     poll_to_end(controller)
     third = view.outcomes[-1].nodes
     assert len(node_ids(scene)) > len(ids) and third.fused is not first.fused
+    running = [line for line in view.lines if line.startswith("Running: ")]
+    assert len(running) == 1 and " --moving-modality mr " in running[0]
+    assert any("DICOM Modality MR from the DICOM database" in line for line in view.lines)
+    assert third.report["degradation"]["moving_modality"]["used"] == "mr"
+    assert "Moving modality: MRI (from the DICOM database: Modality MR)" in third.summary().splitlines()
     assert_unchanged(reference, states["reference"])
     assert_unchanged(moving, states["moving"])
 

@@ -23,7 +23,7 @@ MODULE_DIR = Path(__file__).resolve().parents[1] / "UniFuseSlicer"
 slicer = pytest.importorskip("slicer")
 
 import unifuse  # noqa: E402
-from unifuse.config import DEGRADATION_CLASSES, tiny  # noqa: E402
+from unifuse.config import DEGRADATION_CLASSES, MOVING_MODALITIES, tiny  # noqa: E402
 from unifuse.errors import CancelledError, GeometryError, InputImageError, UniFuseError  # noqa: E402
 from unifuse.options import FuseOptions  # noqa: E402
 from UniFuseSlicerLib import background, dependencies, display, hierarchy, logic, options, sampledata  # noqa: E402
@@ -89,6 +89,32 @@ def assert_unchanged(node, state) -> None:
     assert np.array_equal(after["matrix"], state["matrix"])
     for key in ("name", "parent", "display", "attributes"):
         assert after[key] == state[key], key
+
+
+class FakeDicomDatabase:
+    """The part of ``ctkDICOMDatabase`` the module uses: instance UID -> file -> Modality (0008,0060)."""
+
+    def __init__(self, modalities, is_open=True, fail=False):
+        self.modalities = dict(modalities)  # instance UID -> Modality value
+        self.isOpen = is_open
+        self.fail = fail
+        self.asked = []
+
+    def fileForInstance(self, uid):
+        self.asked.append(uid)
+        if self.fail:
+            raise RuntimeError("database is locked")
+        return f"/dicom/{uid}.dcm" if uid in self.modalities else ""
+
+    def fileValue(self, path, tag):
+        assert tag == "0008,0060"
+        return self.modalities[Path(path).stem]
+
+
+def as_dicom_loaded(node, uids="1.2.840.1 1.2.840.2"):
+    """Mark ``node`` the way Slicer's DICOM scalar-volume loader does."""
+    node.SetAttribute("DICOM.instanceUIDs", uids)
+    return node
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +275,134 @@ def test_summary_lists_diagnosis_timings_device_and_model(run):
         assert label in text
     assert "Time:" in text and "network" in text and "Device: cpu" in text
     assert "UNTRAINED" in text and "WARNING" in text
+    # the synthetic moving volume is not in HU and not from DICOM: the core only measured "not CT"
+    assert nodes.report["degradation"]["moving_modality"]["used"] == "mr_or_pet"
+    assert "Moving modality: MRI or PET (measured by the HU scale)" in text.splitlines()
+
+
+def _report(modality=None, slicer_note=None):
+    report = {"degradation": {"requested": "auto", "predicted": "none", "used": "none"}, "device": "cpu"}
+    if modality is not None:
+        report["degradation"]["moving_modality"] = modality
+    if slicer_note is not None:
+        report["slicer"] = {"moving_modality": slicer_note}
+    return report
+
+
+def test_summary_names_the_moving_modality_and_where_it_came_from():
+    def line(report):
+        found = [l for l in logic.format_summary("none", {"none": 1.0}, report).splitlines()
+                 if l.startswith("Moving modality")]
+        assert len(found) <= 1
+        return found[0] if found else None
+
+    user = {"requested": "mr", "stated": "mr", "source": "user", "used": "mr"}
+    assert line(_report(user)) == "Moving modality: MRI (set by the user)"
+    assert line(_report({"requested": "auto", "stated": "pet", "source": "DICOM header", "used": "pet"})) == \
+        "Moving modality: PET (from the DICOM header)"
+    assert line(_report({"requested": "auto", "stated": "auto", "source": "measured (HU scale: CT or not)",
+                         "used": "ct"})) == "Moving modality: CT (measured by the HU scale)"
+    # resolved by the module from Slicer's DICOM database: the core saw a stated modality ("user")
+    from_database = {"requested": "auto", "stated": "mr", "source": "DICOM database", "dicom_modality": "MR"}
+    assert line(_report(user, from_database)) == "Moving modality: MRI (from the DICOM database: Modality MR)"
+    # the user chose it: the note of the module does not override the core's source
+    assert line(_report(user, {"requested": "mr", "stated": "mr", "source": "user", "dicom_modality": None})) == \
+        "Moving modality: MRI (set by the user)"
+    contradicted = {"requested": "auto", "stated": "auto", "source": "DICOM database contradicted (not in HU)",
+                    "dicom_modality": "CT"}
+    measured = {"requested": "auto", "stated": "auto", "source": "measured (HU scale: CT or not)", "used": "mr_or_pet"}
+    assert line(_report(measured, contradicted)) == ("Moving modality: MRI or PET (measured by the HU scale; the DICOM "
+                                                     "database says Modality CT, but the voxels are not in Hounsfield units)")
+    # reports of core versions without the moving modality: no line, no error
+    assert line(_report()) is None
+    assert line({"degradation": "none"}) is None and line({}) is None
+
+
+def test_modality_from_dicom_maps_ct_mr_pt_like_the_core():
+    assert options.modality_from_dicom("CT") == "ct"
+    assert options.modality_from_dicom("MR") == "mr"
+    assert options.modality_from_dicom("PT") == "pet"
+    assert options.modality_from_dicom(" mr ") == "mr"
+    for value in ("", "PET", "US", "OT", "SEG", "RTDOSE", None, 3):
+        assert options.modality_from_dicom(value) is None, value
+    # the same mapping as the core's for DICOM inputs
+    from unifuse.io import DICOM_MODALITY_TAG, header_modality
+
+    for value in ("CT", "MR", "PT", "pt", "US", "PET", "NM"):
+        image = sitk.Image([2, 2, 2], sitk.sitkFloat32)
+        image.SetMetaData(DICOM_MODALITY_TAG, value)
+        assert options.modality_from_dicom(value) == header_modality(image), value
+
+
+def test_dicom_modality_lookup_guards(monkeypatch):
+    scene = new_scene()
+    reference_image, moving_image = synthetic_pair()
+    plain = volumes.image_to_volume_node(moving_image, scene, "not from DICOM")
+    database = FakeDicomDatabase({"1.2.840.1": "MR", "1.2.840.2": "MR"})
+    assert logic.dicom_modality(plain, database) is None  # no DICOM.instanceUIDs attribute
+    assert database.asked == []
+    assert logic.dicom_modality(None, database) is None
+    loaded = as_dicom_loaded(volumes.image_to_volume_node(moving_image, scene, "from DICOM"))
+    assert logic.dicom_modality(loaded, database) == "MR"
+    monkeypatch.delattr(slicer, "dicomDatabase", raising=False)  # no DICOM module (slicer-core has none)
+    assert logic.dicom_modality(loaded) is None
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)  # Slicer's application database
+    assert logic.dicom_modality(loaded) == "MR"
+    monkeypatch.setattr(slicer, "dicomDatabase", None, raising=False)
+    assert logic.dicom_modality(loaded) is None
+    assert logic.dicom_modality(loaded, FakeDicomDatabase({"1.2.840.1": "MR"}, is_open=False)) is None
+    assert logic.dicom_modality(loaded, FakeDicomDatabase({})) is None  # files no longer in the database
+    assert logic.dicom_modality(loaded, FakeDicomDatabase({"1.2.840.2": "PT"})) == "PT"  # first UID known
+    assert logic.dicom_modality(loaded, FakeDicomDatabase({"1.2.840.1": " "})) is None
+    assert logic.dicom_modality(loaded, FakeDicomDatabase({"1.2.840.1": "MR"}, fail=True)) is None
+
+
+def test_auto_is_resolved_from_the_dicom_database():
+    scene = new_scene()
+    _, moving_image = synthetic_pair()  # float, no air: not in HU
+    moving = as_dicom_loaded(volumes.image_to_volume_node(moving_image, scene, "moving"))
+    resolve = logic.resolve_moving_modality
+    mr = FakeDicomDatabase({"1.2.840.1": "MR"})
+    assert resolve("auto", moving, mr) == logic.ModalityResolution("auto", "mr", "DICOM database", "MR")
+    assert resolve("auto", moving, FakeDicomDatabase({"1.2.840.1": "PT"})).stated == "pet"
+    # the user's choice wins; the database is not asked
+    asked = FakeDicomDatabase({"1.2.840.1": "MR"})
+    assert resolve("pet", moving, asked) == logic.ModalityResolution("pet", "pet", "user")
+    assert asked.asked == []
+    # no usable modality: left to the core
+    assert resolve("auto", moving, FakeDicomDatabase({"1.2.840.1": "US"})).stated == "auto"
+    assert resolve("auto", moving, None).source == "detected by the core"
+    # CT in the database but not in HU: not stated (the core would refuse "ct"), the core measures it
+    ct = FakeDicomDatabase({"1.2.840.1": "CT"})
+    assert resolve("auto", moving, ct) == logic.ModalityResolution(
+        "auto", "auto", "DICOM database contradicted (not in HU)", "CT")
+    # a CT in HU (int16, air at -1000) is stated
+    hu = np.full((20, 24, 24), -1000, dtype=np.int16)
+    hu[4:16, 4:20, 4:20] = 40
+    ct_image = sitk.GetImageFromArray(hu)
+    ct_node = as_dicom_loaded(volumes.image_to_volume_node(ct_image, scene, "CT"))
+    assert resolve("auto", ct_node, ct) == logic.ModalityResolution("auto", "ct", "DICOM database", "CT")
+
+
+def test_in_process_run_states_the_dicom_modality_and_says_so():
+    scene = new_scene()
+    reference_image, moving_image = synthetic_pair()
+    reference = volumes.image_to_volume_node(reference_image, scene, "reference")
+    moving = as_dicom_loaded(volumes.image_to_volume_node(moving_image, scene, "moving"))
+    fusion = logic.FusionLogic(scene, dicom_database=FakeDicomDatabase({"1.2.840.1": "MR"}))
+    nodes = fusion.process(reference, moving, show=False, **RUN_OPTIONS)
+    assert nodes.report["degradation"]["moving_modality"] == {"requested": "mr", "stated": "mr", "source": "user",
+                                                              "used": "mr"}
+    assert nodes.report["slicer"]["moving_modality"]["source"] == "DICOM database"
+    assert "Moving modality: MRI (from the DICOM database: Modality MR)" in nodes.summary().splitlines()
+    assert json.loads(nodes.fused.GetAttribute("UniFuse.Options"))["moving_modality"] == "mr"
+    # the note is kept with the run's report: a run found again from its nodes says the same
+    rebuilt = fusion.nodes_from_output(nodes.jacobian)
+    assert "Moving modality: MRI (from the DICOM database: Modality MR)" in rebuilt.summary().splitlines()
+    # the user's choice is passed as it is
+    chosen = fusion.process(reference, moving, show=False, moving_modality="pet", **RUN_OPTIONS)
+    assert chosen.report["degradation"]["moving_modality"]["used"] == "pet"
+    assert "Moving modality: PET (set by the user)" in chosen.summary().splitlines()
 
 
 def test_a_second_run_creates_new_nodes_or_overwrites_selected_ones(run):
@@ -319,11 +473,12 @@ def test_adding_a_broken_result_rolls_back_every_created_node():
 
 
 def test_cli_command_and_environment(tmp_path):
-    options = FuseOptions(degradation="metal", device="cuda", weights="w.pt", spacing_mm=2.5, config="tiny",
-                          refine="full", network=False, fusion_spacing_mm=1.0)
+    options = FuseOptions(degradation="metal", moving_modality="ct", device="cuda", weights="w.pt", spacing_mm=2.5,
+                          config="tiny", refine="full", network=False, fusion_spacing_mm=1.0)
     command = logic.build_cli_command("r.nrrd", "m.nrrd", tmp_path, options, overwrite=True, python="py")
     assert command == ["py", "-m", "unifuse.cli", "fuse", "--reference", "r.nrrd", "--moving", "m.nrrd",
-                       "--out", str(tmp_path), "--degradation", "metal", "--device", "cuda", "--weights", "w.pt",
+                       "--out", str(tmp_path), "--degradation", "metal", "--moving-modality", "ct",
+                       "--device", "cuda", "--weights", "w.pt",
                        "--config", "tiny", "--spacing", "2.5", "--no-network", "--refine", "full",
                        "--fusion-spacing", "1.0", "--overwrite",
                        "--machine-progress"]
@@ -337,6 +492,8 @@ def test_cli_command_and_environment(tmp_path):
         FuseOptions(degradation="blur")
     with pytest.raises(UniFuseError, match="device"):
         FuseOptions(device="tpu")
+    with pytest.raises(UniFuseError, match="moving modality"):
+        FuseOptions(moving_modality="PT")
     env = logic.cli_environment({"PYTHONPATH": "/elsewhere"})
     assert env["PYTHONPATH"].split(os.pathsep) == [str(logic.core_package_parent()), "/elsewhere"]
     assert (logic.core_package_parent() / "unifuse" / "cli.py").is_file()
@@ -463,6 +620,15 @@ def test_cli_process_cancel_stops_a_running_child():
 
 def test_options_match_the_core():
     assert options.degradation_values() == ["auto", *DEGRADATION_CLASSES]
+    assert options.moving_modality_values() == list(MOVING_MODALITIES) == ["auto", "ct", "mr", "pet"]
+    assert [c.label for c in options.MOVING_MODALITY_CHOICES][1:] == ["CT", "MRI", "PET"]
+    from unifuse.cli import build_parser
+
+    for value in options.moving_modality_values():  # every value reaches the CLI as the core reads it back
+        command = logic.build_cli_command("r", "m", "o", FuseOptions(moving_modality=value))
+        parsed = FuseOptions.from_namespace(build_parser().parse_args(command[3:-1]))
+        assert parsed.moving_modality == value
+        assert ("--moving-modality" in command) == (value != "auto")
     assert [c.value for c in options.OVERLAY_CHOICES] == list(logic.VOLUME_ROLES)
     # the device list needs no torch: auto/cpu/cuda from the start, labels refined by the probe's GPUs
     assert [c.value for c in options.device_choices()] == list(options.DEVICE_VALUES) == ["auto", "cpu", "cuda"]

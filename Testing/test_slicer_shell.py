@@ -211,6 +211,7 @@ def test_every_user_visible_string_of_the_widget_is_translatable():
     tables = {f.name: f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name.endswith("Labels")}
     keys = {name: {k.value for d in ast.walk(f) if isinstance(d, ast.Dict) for k in d.keys} for name, f in tables.items()}
     assert keys["_degradationLabels"] == set(options.degradation_values())
+    assert keys["_movingModalityLabels"] == set(options.moving_modality_values())
     assert keys["_overlayLabels"] == {c.value for c in options.OVERLAY_CHOICES}
     assert keys["_outputModeLabels"] == {c.value for c in options.OUTPUT_MODE_CHOICES}
     assert keys["_deviceLabels"] == set(options.DEVICE_VALUES)

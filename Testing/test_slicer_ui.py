@@ -141,6 +141,63 @@ def test_module_classes_follow_the_scripted_module_template(module_ast):
     assert "acknowledgementText" in "".join(assignments)
 
 
+def _widget_methods(module_ast) -> dict:
+    widget = next(n for n in module_ast.body if isinstance(n, ast.ClassDef) and n.name == "UniFuseSlicerWidget")
+    return {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+
+
+def _form_items(ui, layout_name) -> dict:
+    """(row, column) -> widget of the items of a form layout."""
+    layout = next(l for l in ui.iter("layout") if l.get("name") == layout_name)
+    return {(int(i.get("row")), int(i.get("column"))): i.find("widget") for i in layout.findall("item")}
+
+
+def test_moving_modality_combo_sits_under_the_degradation_combo(ui):
+    items = _form_items(ui, "inputsFormLayout")
+    where = {w.get("name"): cell for cell, w in items.items()}
+    row, column = where["degradationComboBox"]
+    assert where["movingModalityComboBox"] == (row + 1, column)
+    label = items[(row + 1, 0)]
+    assert label.get("name") == "movingModalityLabel" and string_property(label, "text") == "Moving modality:"
+    combo = widgets(ui)["movingModalityComboBox"]
+    assert combo.get("class") == "QComboBox"
+    tooltip = string_property(combo, "toolTip")
+    for words in ("motion artifacts only in MRI", "low-dose noise only in PET", "metal artifacts only in CT",
+                  "Automatic reads the modality of a volume loaded from the DICOM database"):
+        assert words in tooltip
+
+
+@pytest.mark.parametrize("combo, field, option", [
+    ("degradationComboBox", "degradation", "degradation"),
+    ("movingModalityComboBox", "movingModality", "moving_modality"),
+])
+def test_option_combo_is_filled_synchronised_and_passed_to_the_run(module_ast, combo, field, option):
+    """The moving-modality combo is wired exactly like the degradation combo: filled from its choices,
+    synchronised both ways with the parameter node (default "auto"), passed to the run as its FuseOptions field."""
+    defaults = {}
+    for node in module_ast.body:
+        if isinstance(node, ast.ClassDef) and node.name == "UniFuseSlicerParameterNode":
+            defaults = {a.target.id: ast.unparse(a.value) for a in node.body if isinstance(a, ast.AnnAssign) and a.value}
+    assert parameter_fields(module_ast)[field] == "str" and defaults[field] == "'auto'"
+    methods = _widget_methods(module_ast)
+    choices = "DEGRADATION_CHOICES" if field == "degradation" else "MOVING_MODALITY_CHOICES"
+    assert re.search(rf"for choice in {choices}:\s*self\.ui\.{combo}\.addItem\(\w+\[choice\.value\], choice\.value\)",
+                     methods["setup"])
+    assert f"self.ui.{combo}.currentIndexChanged.connect(self._onComboBoxesChanged)" in methods["setup"]
+    assert f"self._parameterNode.{field} = self.ui.{combo}.currentData or 'auto'" in methods["_onComboBoxesChanged"]
+    assert f"self._selectComboValue(self.ui.{combo}, self._parameterNode.{field})" in methods["_onParameterNodeModified"]
+    assert f"'{option}': p.{field}" in methods["_runRequest"]
+
+
+def test_moving_modality_choices_reach_fuse_options():
+    from unifuse.options import FuseOptions
+    from UniFuseSlicerLib.options import MOVING_MODALITY_CHOICES
+
+    assert [c.value for c in MOVING_MODALITY_CHOICES] == ["auto", "ct", "mr", "pet"]
+    for choice in MOVING_MODALITY_CHOICES:
+        assert FuseOptions(moving_modality=choice.value).moving_modality == choice.value
+
+
 def _git_source_files() -> set:
     """Files of UniFuseSlicer/ a source checkout has (tracked + untracked, minus .gitignore'd)."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "UniFuseSlicer"],

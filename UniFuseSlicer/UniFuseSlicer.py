@@ -38,8 +38,16 @@ except ImportError:  # Slicer before 5.4 has no translation support: show the En
 from UniFuseSlicerLib.controller import RunController, RunRequest, RunView
 from UniFuseSlicerLib.dependencies import install as installDependencies
 from UniFuseSlicerLib.dependencies import installation_plan, torch_status, torch_unavailable_reason
-from UniFuseSlicerLib.logic import FusionLogic, OutputNodes
-from UniFuseSlicerLib.options import DEGRADATION_CHOICES, DEVICE_VALUES, OUTPUT_MODE_CHOICES, OVERLAY_CHOICES, DeviceProbe
+from UniFuseSlicerLib.logic import FusionLogic, OutputNodes, dicom_modality
+from UniFuseSlicerLib.options import (
+    DEGRADATION_CHOICES,
+    DEVICE_VALUES,
+    MOVING_MODALITY_CHOICES,
+    OUTPUT_MODE_CHOICES,
+    OVERLAY_CHOICES,
+    DeviceProbe,
+    modality_from_dicom,
+)
 from UniFuseSlicerLib.sampledata import register_sample_data
 
 #: The method paper (there is no public code or model of the paper's authors; this module is an independent
@@ -116,12 +124,15 @@ class UniFuseSlicerParameterNode:
     """State of the module GUI, saved with the scene.
 
     Widgets with a ``SlicerParameterName`` property in UniFuseSlicer.ui are connected automatically; the
-    combo boxes (degradation, device, output mode, overlay) and the weights path are synchronised by the widget.
+    combo boxes (degradation, moving modality, device, output mode, overlay) and the weights path are
+    synchronised by the widget.
     """
 
     referenceVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
     degradation: str = "auto"
+    # "auto" (a DICOM-loaded volume's Modality, else detected), "ct", "mr" or "pet".
+    movingModality: str = "auto"
     device: str = "auto"
     workingSpacing: Annotated[float, WithinRange(0.0, 12.0)] = 0.0
     weightsPath: str = ""
@@ -185,6 +196,7 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._deviceProbe = None
         self._shownDisplayState = None
+        self._modalityHintNodeID = None
 
     # -- setup -----------------------------------------------------------------------------------------
 
@@ -201,6 +213,9 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         degradationLabels = self._degradationLabels()
         for choice in DEGRADATION_CHOICES:
             self.ui.degradationComboBox.addItem(degradationLabels[choice.value], choice.value)
+        movingModalityLabels = self._movingModalityLabels()
+        for choice in MOVING_MODALITY_CHOICES:
+            self.ui.movingModalityComboBox.addItem(movingModalityLabels[choice.value], choice.value)
         deviceLabels = self._deviceLabels(None)
         for value in DEVICE_VALUES:
             self.ui.deviceComboBox.addItem(deviceLabels[value], value)
@@ -220,6 +235,7 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.degradationComboBox.currentIndexChanged.connect(self._onComboBoxesChanged)
+        self.ui.movingModalityComboBox.currentIndexChanged.connect(self._onComboBoxesChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self._onComboBoxesChanged)
         self.ui.outputModeComboBox.currentIndexChanged.connect(self._onComboBoxesChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self._onComboBoxesChanged)
@@ -238,6 +254,15 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "motion": _("MRI motion artifacts"),
             "metal": _("CT metal artifacts + noise"),
             "lowdose": _("Low-dose PET noise"),
+        }
+
+    @staticmethod
+    def _movingModalityLabels():
+        return {
+            "auto": _("Automatic (DICOM modality, else detected)"),
+            "ct": _("CT"),
+            "mr": _("MRI"),
+            "pet": _("PET"),
         }
 
     @staticmethod
@@ -326,6 +351,7 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        self._modalityHintNodeID = None  # look the moving volume's DICOM modality up again (node IDs are reused)
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
@@ -335,6 +361,8 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         self._selectComboValue(self.ui.degradationComboBox, self._parameterNode.degradation)
+        self._selectComboValue(self.ui.movingModalityComboBox, self._parameterNode.movingModality)
+        self._updateMovingModalityHint()
         self._selectComboValue(self.ui.deviceComboBox, self._parameterNode.device)
         self._selectComboValue(self.ui.outputModeComboBox, self._parameterNode.outputMode)
         self._selectComboValue(self.ui.overlayComboBox, self._parameterNode.overlay)
@@ -356,10 +384,27 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         wasModified = self._parameterNode.StartModify()
         self._parameterNode.degradation = self.ui.degradationComboBox.currentData or "auto"
+        self._parameterNode.movingModality = self.ui.movingModalityComboBox.currentData or "auto"
         self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
         self._parameterNode.outputMode = self.ui.outputModeComboBox.currentData or "new"
         self._parameterNode.overlay = self.ui.overlayComboBox.currentData or "fused"
         self._parameterNode.EndModify(wasModified)
+
+    def _updateMovingModalityHint(self) -> None:
+        """Name the DICOM Modality of the selected moving volume in the combo box's Automatic entry (looked up
+        in the DICOM database only when another volume is selected; the run resolves it again)."""
+        node = self._parameterNode.movingVolume if self._parameterNode else None
+        nodeID = node.GetID() if node else ""
+        if nodeID == self._modalityHintNodeID:
+            return
+        self._modalityHintNodeID = nodeID
+        labels = self._movingModalityLabels()
+        found = modality_from_dicom(dicom_modality(node)) if node else None
+        text = labels["auto"] if found is None else _("Automatic: {modality} (from the DICOM database)").format(
+            modality=labels[found])
+        index = self.ui.movingModalityComboBox.findData("auto")
+        if index >= 0:
+            self.ui.movingModalityComboBox.setItemText(index, text)
 
     def _onWeightsPathChanged(self, path) -> None:
         if self._parameterNode and self._parameterNode.weightsPath != path:
@@ -418,6 +463,7 @@ class UniFuseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             moving=p.movingVolume,
             options={
                 "degradation": p.degradation,
+                "moving_modality": p.movingModality,
                 "device": p.device,
                 "weights": p.weightsPath or None,
                 "spacing_mm": p.workingSpacing or None,
@@ -524,7 +570,8 @@ class UniFuseSlicerLogic(ScriptedLoadableModuleLogic):
 
     Example (Slicer Python console)::
 
-        nodes = UniFuseSlicer.UniFuseSlicerLogic().process(referenceNode, movingNode, degradation="auto", device="auto")
+        nodes = UniFuseSlicer.UniFuseSlicerLogic().process(referenceNode, movingNode, degradation="auto", device="auto",
+                                                           moving_modality="auto")
         nodes.fused, nodes.aligned, nodes.displacement, nodes.error_map, nodes.jacobian
     """
 
@@ -541,8 +588,9 @@ class UniFuseSlicerLogic(ScriptedLoadableModuleLogic):
                 **options):
         """Fuse ``movingNode`` onto ``referenceNode`` in this process; returns ``FusionNodes`` (new nodes).
 
-        ``options`` go to ``FusionLogic.process`` / ``unifuse.fuse`` (``spacing_mm``, ``refine``, ``outputs``,
-        ``show``, ``cancel``, ``config``, ``init``).
+        ``options`` go to ``FusionLogic.process`` / ``unifuse.fuse`` (``moving_modality``, ``spacing_mm``,
+        ``refine``, ``outputs``, ``show``, ``cancel``, ``config``, ``init``); ``moving_modality="auto"`` (the
+        default) takes the Modality of a volume loaded from Slicer's DICOM database.
         """
         return self.fusionLogic().process(referenceNode, movingNode, degradation=degradation, device=device,
                                           weights=weights, progress=progress, **options)

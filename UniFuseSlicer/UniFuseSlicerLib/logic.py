@@ -49,6 +49,7 @@ from unifuse.pipeline import IMAGE_OUTPUT_FILES, OUTPUT_FILES, REPORT_FILE, Fusi
 
 from . import display, hierarchy
 from .background import CliProcess
+from .options import DICOM_MODALITY_TAG, modality_from_dicom
 from .workdir import keep_temporary_files_requested, make_work_dir, remove_work_dir
 from .transforms import displacement_to_grid_transform, displacement_to_grid_transform_node
 from .volumes import image_data_from_image, image_to_volume_node, volume_node_geometry, volume_node_to_image
@@ -70,6 +71,10 @@ __all__ = [
     "python_executable",
     "core_package_parent",
     "format_summary",
+    "DICOM_INSTANCE_UIDS_ATTRIBUTE",
+    "ModalityResolution",
+    "dicom_modality",
+    "resolve_moving_modality",
 ]
 
 #: Output roles stored in scalar volume nodes.
@@ -196,6 +201,9 @@ def format_summary(degradation: str, probabilities: Mapping[str, float], report:
         lines[0] += f" (set by the user; detected: {report['degradation'].get('predicted', '?')})"
     for name, p in sorted(probabilities.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {DEGRADATION_LABELS.get(name, name):<28s} {100.0 * float(p):5.1f} %")
+    modality_line = _moving_modality_line(report)
+    if modality_line:
+        lines.append(modality_line)
     timings = report.get("timings_s", {})
     if timings:
         stages = ", ".join(f"{k} {float(v):.2f} s" for k, v in timings.items() if k != "total")
@@ -215,6 +223,166 @@ def format_summary(degradation: str, probabilities: Mapping[str, float], report:
     if report.get("warning"):
         lines.append(f"WARNING: {report['warning']}")
     return "\n".join(lines)
+
+
+#: Names of the moving modality the core used (``report["degradation"]["moving_modality"]["used"]``).
+_MODALITY_NAMES = {"ct": "CT", "mr": "MRI", "pet": "PET", "mr_or_pet": "MRI or PET"}
+#: How the summary words the core's ``source`` of the moving modality.
+_MODALITY_SOURCES = {
+    "user": "set by the user",
+    "DICOM header": "from the DICOM header",
+    "measured (HU scale: CT or not)": "measured by the HU scale",
+    "measured (DICOM header contradicted)": "measured: the DICOM header said CT, but the voxels are not in HU",
+}
+
+
+def _moving_modality_line(report: Mapping[str, Any]) -> Optional[str]:
+    """``Moving modality: MRI (set by the user)`` etc. from ``report["degradation"]["moving_modality"]``; None
+    for reports of core versions without it. A modality this module resolved from Slicer's DICOM database
+    (``report["slicer"]["moving_modality"]``, see :func:`resolve_moving_modality`) reaches the core as if the
+    user had stated it; the line says where it really came from."""
+    degradation = report.get("degradation")
+    modality = degradation.get("moving_modality") if isinstance(degradation, Mapping) else None
+    if not isinstance(modality, Mapping) or not modality.get("used"):
+        return None
+    used, source = str(modality["used"]), str(modality.get("source", "?"))
+    text = _MODALITY_SOURCES.get(source, source)
+    slicer_info = report.get("slicer")
+    resolved = slicer_info.get("moving_modality") if isinstance(slicer_info, Mapping) else None
+    if isinstance(resolved, Mapping):
+        dicom_value = resolved.get("dicom_modality") or "?"
+        if resolved.get("source") == MODALITY_FROM_DICOM_DATABASE and source == "user":
+            text = f"from the DICOM database: Modality {dicom_value}"
+        elif resolved.get("source") == MODALITY_DICOM_DATABASE_CONTRADICTED:
+            text = (f"{text}; the DICOM database says Modality {dicom_value}, but the voxels are not in Hounsfield "
+                    f"units")
+    return f"Moving modality: {_MODALITY_NAMES.get(used, used)} ({text})"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# moving modality from Slicer's DICOM database
+
+#: Node attribute that Slicer's DICOM scalar-volume loader sets: the SOP instance UIDs of the loaded files,
+#: separated by blanks.
+DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
+#: :attr:`ModalityResolution.source` values.
+MODALITY_FROM_USER = "user"
+MODALITY_FROM_DICOM_DATABASE = "DICOM database"
+MODALITY_DICOM_DATABASE_CONTRADICTED = "DICOM database contradicted (not in HU)"
+MODALITY_LEFT_TO_CORE = "detected by the core"
+#: At most this many instance UIDs of a node are looked up before giving up (a series has one modality; a
+#: database that lost the first files has usually lost them all).
+_MAX_UID_LOOKUPS = 8
+
+
+def dicom_modality(node: Any, database: Any = None) -> Optional[str]:
+    """The DICOM Modality value (e.g. ``"MR"``) of a volume node loaded from Slicer's DICOM database.
+
+    Looks up the node's :data:`DICOM_INSTANCE_UIDS_ATTRIBUTE` in ``database`` (default
+    ``slicer.dicomDatabase``): ``fileForInstance(uid)``, then ``fileValue(file, "0008,0060")``.
+
+    Returns:
+        The stripped value, or None: no node, a node without the attribute (not loaded from DICOM), no (open)
+        database, files the database no longer knows, an empty value, or an error of the database (the
+        modality is only a hint; looking it up must never stop a run).
+    """
+    if node is None or not hasattr(node, "GetAttribute"):
+        return None
+    uids = (node.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE) or "").split()
+    if not uids:
+        return None
+    if database is None:
+        database = getattr(slicer, "dicomDatabase", None)
+    if database is None:
+        return None
+    try:
+        is_open = getattr(database, "isOpen", True)
+        if callable(is_open):
+            is_open = is_open()
+        if not is_open:
+            return None
+        for uid in uids[:_MAX_UID_LOOKUPS]:
+            path = database.fileForInstance(uid)
+            if path:
+                value = str(database.fileValue(path, DICOM_MODALITY_TAG) or "").strip()
+                return value or None
+    except Exception:  # noqa: BLE001 - a broken or closed database: no hint, the core detects the modality
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class ModalityResolution:
+    """What the module tells the core about the moving volume's modality, and why.
+
+    Attributes:
+        requested: the user's choice (``auto``, ``ct``, ``mr``, ``pet``).
+        stated: what is passed as ``FuseOptions.moving_modality``.
+        source: :data:`MODALITY_FROM_USER`, :data:`MODALITY_FROM_DICOM_DATABASE`,
+            :data:`MODALITY_DICOM_DATABASE_CONTRADICTED` (the database says CT, the voxels are not in HU, so
+            ``auto`` is passed) or :data:`MODALITY_LEFT_TO_CORE` (``auto`` without a usable DICOM modality).
+        dicom_modality: the DICOM Modality value found in the database, if any.
+    """
+
+    requested: str
+    stated: str
+    source: str
+    dicom_modality: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"requested": self.requested, "stated": self.stated, "source": self.source,
+                "dicom_modality": self.dicom_modality}
+
+    def describe(self) -> Optional[str]:
+        """A log line when the DICOM database decided something, else None."""
+        if self.source == MODALITY_FROM_DICOM_DATABASE:
+            return (f"Moving modality: {self.stated} (DICOM Modality {self.dicom_modality} from the DICOM database; "
+                    f"passed to UniFuse as --moving-modality {self.stated})")
+        if self.source == MODALITY_DICOM_DATABASE_CONTRADICTED:
+            return (f"Moving modality: the DICOM database says {self.dicom_modality}, but the moving volume is not "
+                    f"in Hounsfield units; its modality is detected instead")
+        return None
+
+
+def _voxels_in_hu(node: Any) -> bool:
+    """The core's HU test (``unifuse.degradation_evidence.is_hu_volume`` on a float32 regular sub-sample of
+    at most ``SAMPLE_VOXELS`` voxels, as the core takes it) on the node's voxels; False without voxel data."""
+    from vtkmodules.util import numpy_support
+
+    from unifuse.degradation_evidence import SAMPLE_VOXELS, is_hu_volume
+
+    image_data = node.GetImageData() if node is not None else None
+    scalars = image_data.GetPointData().GetScalars() if image_data is not None else None
+    if scalars is None or scalars.GetNumberOfComponents() != 1:
+        return False
+    nx, ny, nz = image_data.GetDimensions()
+    array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx)  # a view: nothing copied yet
+    step = 1
+    while array.size / step ** 3 > SAMPLE_VOXELS:
+        step += 1
+    sample = np.ascontiguousarray(array[::step, ::step, ::step], dtype=np.float32)
+    return bool(is_hu_volume(sitk.GetImageFromArray(sample), sample))
+
+
+def resolve_moving_modality(requested: str, moving_node: Any, database: Any = None) -> ModalityResolution:
+    """The moving modality to pass to the core for the user's choice ``requested``.
+
+    The module runs the core on copies of the volumes (in memory or temporary NRRD files) that carry no DICOM
+    tags, so the core's own ``auto`` cannot read a DICOM Modality. Here ``auto`` is resolved to the Modality
+    of a volume loaded from Slicer's DICOM database (:func:`dicom_modality`; ``CT``/``MR``/``PT``), which the
+    core then treats as stated. As in the core, a volume the database calls CT but whose voxels are not in
+    Hounsfield units is not stated to be a CT (the core would refuse it): ``auto`` is passed, and the core
+    measures it. Any other choice is passed as it is.
+    """
+    if requested != "auto":
+        return ModalityResolution(requested, requested, MODALITY_FROM_USER)
+    value = dicom_modality(moving_node, database)
+    modality = modality_from_dicom(value)
+    if modality is None:
+        return ModalityResolution("auto", "auto", MODALITY_LEFT_TO_CORE, value)
+    if modality == "ct" and not _voxels_in_hu(moving_node):
+        return ModalityResolution("auto", "auto", MODALITY_DICOM_DATABASE_CONTRADICTED, value)
+    return ModalityResolution("auto", modality, MODALITY_FROM_DICOM_DATABASE, value)
 
 
 def _require_volume(node: Any, role: str) -> None:
@@ -292,12 +460,16 @@ class FusionLogic:
 
     Args:
         scene: the ``vtkMRMLScene`` holding the input volumes; outputs are added to it.
+        dicom_database: where a DICOM-loaded moving volume's Modality is looked up for ``moving_modality="auto"``
+            (:func:`resolve_moving_modality`); default ``slicer.dicomDatabase`` (when there is one).
     """
 
-    def __init__(self, scene: "slicer.vtkMRMLScene", slice_logics: Optional[Callable[[], List[Any]]] = None) -> None:
+    def __init__(self, scene: "slicer.vtkMRMLScene", slice_logics: Optional[Callable[[], List[Any]]] = None,
+                 dicom_database: Any = None) -> None:
         if scene is None:
             raise ValueError("FusionLogic needs a MRML scene")
         self.scene = scene
+        self.dicom_database = dicom_database
         #: Optional provider of the application's ``vtkMRMLSliceLogic`` objects (in Slicer: the layout
         #: manager's); used by ``show_result(fit=True)`` to fit the views with Slicer's own slice logic.
         self.slice_logics = slice_logics
@@ -315,6 +487,7 @@ class FusionLogic:
         *,
         outputs: Optional[OutputNodes] = None,
         show: bool = True,
+        moving_modality: str = "auto",
         **options: Any,
     ) -> FusionNodes:
         """Fuse ``moving_node`` onto ``reference_node`` in this process and add the outputs to the scene.
@@ -328,6 +501,8 @@ class FusionLogic:
             progress: ``progress(fraction, message)``, fraction in [0, 1].
             outputs: existing nodes to overwrite (per role); default: new nodes for every output.
             show: set the slice views to reference (background) + fused (foreground, opacity 0.5).
+            moving_modality: ``"auto"``, ``"ct"``, ``"mr"`` or ``"pet"``; ``auto`` takes the Modality of a
+                volume loaded from Slicer's DICOM database (:func:`resolve_moving_modality`).
             **options: further :class:`unifuse.options.FuseOptions` fields (``spacing_mm``, ``refine``,
                 ``affine``, ``config``, ...), and ``cancel`` / ``model`` for ``unifuse.fuse``.
 
@@ -345,11 +520,13 @@ class FusionLogic:
         reference_image = input_image(reference_node, "reference")
         moving_image = input_image(moving_node, "moving")
         cancel, model = options.pop("cancel", None), options.pop("model", None)
-        fuse_options = FuseOptions(degradation=degradation, device=device, weights=weights, **options)
+        modality = resolve_moving_modality(moving_modality, moving_node, self.dicom_database)
+        fuse_options = FuseOptions(degradation=degradation, device=device, weights=weights,
+                                   moving_modality=modality.stated, **options)
         result = unifuse.fuse(reference_image, moving_image, fuse_options, progress=progress, cancel=cancel,
                               model=model)
         recorded = {**fuse_options.to_dict(), "mode": "in-process"}
-        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs)
+        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs, moving_modality=modality)
         if show:
             self.show_result(nodes)
         return nodes
@@ -366,23 +543,28 @@ class FusionLogic:
         outputs: Optional[OutputNodes] = None,
         python: Optional[str] = None,
         keep_temporary_files: bool = False,
+        moving_modality: str = "auto",
         **options: Any,
     ) -> "BackgroundFusion":
         """Start a background run (see :class:`BackgroundFusion`); poll it until it returns the nodes.
 
         ``options`` are further :class:`unifuse.options.FuseOptions` fields (``spacing_mm``, ``refine``,
         ``affine``, ``config``, ...); they are validated here, before anything is exported.
+        ``moving_modality="auto"`` is resolved to the Modality of a volume loaded from Slicer's DICOM database
+        (:func:`resolve_moving_modality`): the temporary NRRD files the CLI reads carry no DICOM tags.
         ``keep_temporary_files`` (developer switch; also the environment variable
         ``UNIFUSE_KEEP_TEMPORARY_FILES=1``) keeps the run's temporary folder instead of deleting it.
         """
         _require_inputs(reference_node, moving_node)
         _validate_outputs(outputs or OutputNodes(), reference_node, moving_node)
+        modality = resolve_moving_modality(moving_modality, moving_node, self.dicom_database)
         run = BackgroundFusion(
             self, reference_node, moving_node,
             options=FuseOptions(degradation=degradation, device=device, weights=str(weights) if weights else None,
-                                **options),
+                                moving_modality=modality.stated, **options),
             on_progress=on_progress, on_log=on_log, outputs=outputs, python=python,
             keep_temporary_files=keep_temporary_files or keep_temporary_files_requested(),
+            moving_modality=modality,
         )
         run.start()
         return run
@@ -397,12 +579,15 @@ class FusionLogic:
         options: Optional[Mapping[str, Any]] = None,
         outputs: Optional[OutputNodes] = None,
         prepared: Optional[PreparedOutputs] = None,
+        moving_modality: Optional[ModalityResolution] = None,
     ) -> FusionNodes:
         """Add a ``unifuse.FusionResult`` (or any object with the same fields) to the scene.
 
         All-or-nothing: every image, the field and the selected output nodes are validated before the scene is
         touched; nodes created here are removed again if adding still fails. ``prepared``: the grid transform
         and voxel copies of these images, already built on a worker thread (:func:`prepare_cli_outputs`).
+        ``moving_modality``: how this module chose the moving modality it passed; kept in the nodes' copy of
+        the report as ``report["slicer"]["moving_modality"]`` (the summary names the DICOM database from it).
         """
         outputs = outputs or OutputNodes()
         _validate_outputs(outputs, reference_node, moving_node)
@@ -416,6 +601,10 @@ class FusionLogic:
             grid_transform = displacement_to_grid_transform(result.displacement)  # validates the field
 
         report = dict(getattr(result, "report", {}) or {})
+        if moving_modality is not None:
+            slicer_info = dict(report.get("slicer") or {})
+            slicer_info["moving_modality"] = moving_modality.to_dict()
+            report["slicer"] = slicer_info
         attributes = hierarchy.provenance_attributes(
             reference_node, moving_node, dict(options or {}), report, result.degradation, result.probabilities
         )
@@ -624,9 +813,10 @@ class FusionLogic:
         options: Optional[Mapping[str, Any]] = None,
         outputs: Optional[OutputNodes] = None,
         show: bool = True,
+        moving_modality: Optional[ModalityResolution] = None,
     ) -> FusionNodes:
         """Add outputs prepared by :func:`prepare_cli_outputs` (on a worker thread) to the scene; only the MRML
-        part happens here, in the thread that owns the scene."""
+        part happens here, in the thread that owns the scene. ``moving_modality``: see :meth:`add_result`."""
         report = prepared.report
         degradation_info = report.get("degradation", {})
         result = FusionResult(
@@ -636,7 +826,8 @@ class FusionLogic:
             **prepared.images,
         )
         recorded = {**{k: v for k, v in (options or {}).items() if v is not None}, "mode": "background process"}
-        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs, prepared=prepared)
+        nodes = self.add_result(result, reference_node, moving_node, recorded, outputs, prepared=prepared,
+                                moving_modality=moving_modality)
         if show:
             self.show_result(nodes)
         return nodes
@@ -816,6 +1007,7 @@ class BackgroundFusion:
         python: Optional[str] = None,
         keep_temporary_files: bool = False,
         show: bool = True,
+        moving_modality: Optional[ModalityResolution] = None,
     ) -> None:
         self.logic = logic
         self.reference_node = reference_node
@@ -827,6 +1019,8 @@ class BackgroundFusion:
         self.python = python
         self.keep_temporary_files = keep_temporary_files
         self.show = show
+        #: How the moving modality in ``options`` was chosen (:func:`resolve_moving_modality`); None: not known.
+        self.moving_modality = moving_modality
         self.work_dir: Optional[Path] = None
         self.process: Optional[CliProcess] = None
         self.result: Optional[FusionNodes] = None
@@ -854,6 +1048,9 @@ class BackgroundFusion:
                                                                    self.work_dir / "inputs")
             command = build_cli_command(reference_path, moving_path, self.work_dir / "outputs", self.options,
                                         python=self.python)
+            note = self.moving_modality.describe() if self.moving_modality is not None else None
+            if note:
+                self._log(note)
             self._log("Running: " + " ".join(command))
             if self.keep_temporary_files:
                 self._log(f"Temporary files are kept in {self.work_dir}")
@@ -909,6 +1106,7 @@ class BackgroundFusion:
             self.result = self.logic.add_prepared_outputs(
                 self._prepared, self.reference_node, self.moving_node,
                 {**self.options.to_dict(), "mode": "background"}, self.outputs, show=self.show,
+                moving_modality=self.moving_modality,
             )
             self._progress(1.0, "done")
             return self.result

@@ -1,4 +1,5 @@
-"""Choices offered by the module GUI (degradation, device, overlay, outputs), as plain data with labels.
+"""Choices offered by the module GUI (degradation, moving modality, device, overlay, outputs), as plain data
+with labels.
 
 Values are exactly the strings the core (``unifuse.fuse``) and its CLI accept; labels are what the GUI
 shows (the widget shows its own translated labels for the same values). Nothing here imports Qt, and
@@ -13,18 +14,22 @@ import json
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from unifuse.config import DEGRADATION_CLASSES, DEGRADATION_LABELS
+from unifuse.config import DEGRADATION_CLASSES, DEGRADATION_LABELS, MOVING_MODALITIES, MOVING_MODALITY_LABELS
 
 __all__ = [
     "Choice",
     "DEGRADATION_CHOICES",
     "DEVICE_VALUES",
+    "DICOM_MODALITY_TAG",
+    "MOVING_MODALITY_CHOICES",
     "OUTPUT_MODE_CHOICES",
     "OVERLAY_CHOICES",
     "DeviceProbe",
     "GpuInfo",
     "degradation_values",
     "device_choices",
+    "modality_from_dicom",
+    "moving_modality_values",
     "parse_probe_output",
     "PROBE_SCRIPT",
 ]
@@ -56,6 +61,33 @@ OVERLAY_CHOICES: Tuple[Choice, ...] = (
 def degradation_values() -> List[str]:
     """Values of :data:`DEGRADATION_CHOICES`: ``"auto"`` followed by the core's degradation classes."""
     return [c.value for c in DEGRADATION_CHOICES]
+
+
+#: Modality of the moving volume, told to the degradation detection (``FuseOptions.moving_modality``): a known
+#: modality rules out the degradations it cannot have (motion = MRI, low dose = PET, metal = CT). ``auto``: the
+#: DICOM Modality of a volume loaded from Slicer's DICOM database (see ``logic.resolve_moving_modality``), else
+#: the core tells only CT (HU scale) from not CT. Values and labels come from ``unifuse.config``.
+MOVING_MODALITY_CHOICES: Tuple[Choice, ...] = tuple(Choice(m, MOVING_MODALITY_LABELS[m]) for m in MOVING_MODALITIES)
+
+
+def moving_modality_values() -> List[str]:
+    """Values of :data:`MOVING_MODALITY_CHOICES`: ``auto``, ``ct``, ``mr``, ``pet``."""
+    return [c.value for c in MOVING_MODALITY_CHOICES]
+
+
+#: The DICOM Modality attribute as ``ctkDICOMDatabase.fileValue`` names it.
+DICOM_MODALITY_TAG = "0008,0060"
+#: DICOM Modality values (defined terms) -> moving modalities; the same mapping as the core's for DICOM inputs
+#: (``unifuse.io.header_modality``).
+_DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet"}
+
+
+def modality_from_dicom(value: Optional[str]) -> Optional[str]:
+    """``"ct"``, ``"mr"`` or ``"pet"`` for a DICOM Modality value (``CT``, ``MR``, ``PT``; case and surrounding
+    blanks ignored); None for anything else (other modalities, empty, None)."""
+    if not isinstance(value, str):
+        return None
+    return _DICOM_MODALITIES.get(value.strip().upper())
 
 
 
