@@ -58,12 +58,18 @@ def jacobian_determinant_image(displacement: sitk.Image) -> sitk.Image:
         z1 = min(z0 + _SLAB, depth)
         lo, hi = max(z0 - 1, 0), min(z1 + 1, depth)
         block = np.asarray(u[lo:hi], dtype=np.float64)
-        grad = np.empty(block.shape[:3] + (3, 3))  # grad[..., c, a] = dU_c / d idx_a, a in (i, j, k)
+        keep = slice(z0 - lo, z0 - lo + (z1 - z0))
+        grad = []  # grad[c][a] = dU_c / d idx_a, a in (i, j, k), on the slab's own planes
         for c in range(3):
             d_k, d_j, d_i = np.gradient(block[..., c], axis=(0, 1, 2))
-            grad[..., c, 0], grad[..., c, 1], grad[..., c, 2] = d_i, d_j, d_k
-        jac = np.eye(3) + grad @ m_inv
-        det[z0:z1] = np.linalg.det(jac)[z0 - lo : z0 - lo + (z1 - z0)]
+            grad.append((d_i[keep], d_j[keep], d_k[keep]))
+        # J = I + grad @ m_inv entry by entry, then the 3x3 determinant by cofactors: the same float64 values
+        # as np.linalg.det on stacked matrices, several times faster (no per-voxel LU)
+        j = [[(1.0 if c == b else 0.0) + sum(grad[c][a] * m_inv[a, b] for a in range(3)) for b in range(3)]
+             for c in range(3)]
+        det[z0:z1] = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+                      - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+                      + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
     out = sitk.GetImageFromArray(det)
     out.CopyInformation(displacement)
     return out
