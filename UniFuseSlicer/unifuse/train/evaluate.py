@@ -452,7 +452,8 @@ LIMITATIONS = (
     "the sharper source (docs/benchmark.md).",
     "Degradation classes are limited to: none, MRI motion, CT metal + noise, low-dose PET noise; other artifacts "
     "are forced into one of these classes. The pipeline decides the class from the moving volume's physical "
-    "evidence (docs/network.md); this network's own classifier is reported but not used.",
+    "evidence and, when known, its modality (docs/network.md: 94.1 % on the real-anatomy validation samples with "
+    "the modality stated, 87.4 % without); this network's own classifier is reported but not used.",
     "Misalignments larger than those simulated in training (±10°, ±10 mm plus smooth non-rigid) are outside the "
     "training distribution.",
 )
