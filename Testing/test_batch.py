@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from unifuse.batch import (FAILURE_COLUMNS, SUMMARY_COLUMNS, ManifestError, is_finished, parse_shard, read_manifest,
-                           shard_cases)
+import unifuse.batch as batch
+from unifuse.batch import (FAILURE_COLUMNS, SUMMARY_COLUMNS, BatchCase, ManifestError, is_finished, parse_shard,
+                           read_manifest, shard_cases, summary_row)
 from unifuse.cli import main
 from unifuse.errors import UniFuseError
 from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE
@@ -168,3 +169,94 @@ def test_manifest_and_shard_errors_name_the_problem(tmp_path: Path):
     for bad in ("4/4", "1", "-1/2", "a/b", "0/0"):
         with pytest.raises(UniFuseError, match="must be i/N"):
             parse_shard(bad)
+
+
+def test_the_moving_modality_column_parses_like_the_degradation_column(tmp_path: Path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("ID,Reference,Moving,Degradation,Moving_Modality\n"
+                        "a,a/r.nii,a/m.nii,,MR\n"
+                        "b,b/r.nii,b/m.nii,Motion,\n"
+                        "c,c/r.nii,c/m.nii,, Pet \n"
+                        "d,d/r.nii,d/m.nii,,AUTO\n"
+                        "e,e/r.nii,e/m.nii,,ct\n", encoding="utf-8")
+    cases = read_manifest(manifest)
+    assert [c.moving_modality for c in cases] == ["mr", None, "pet", "auto", "ct"]  # empty = the run's option
+    assert [c.degradation for c in cases] == [None, "motion", None, None, None]
+    # a manifest without the column (written before it existed) reads as before: every row takes the run's option
+    manifest.write_text("id,reference,moving,degradation\na,a/r.nii,a/m.nii,metal\n", encoding="utf-8")
+    assert [(c.case_id, c.degradation, c.moving_modality) for c in read_manifest(manifest)] == [("a", "metal", None)]
+
+
+def test_an_unknown_moving_modality_is_refused_with_its_line_before_any_work(tmp_path: Path, capsys, monkeypatch):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("reference,moving,moving_modality\na.nii,b.nii,mr\nc.nii,d.nii,xray\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"m\.csv, line 3: unknown moving modality 'xray'; use auto, ct, mr, pet or "
+                                            r"leave the cell empty"):
+        read_manifest(manifest)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started although the manifest is bad")
+
+    monkeypatch.setattr(batch, "load_model", no_work)
+    monkeypatch.setattr(batch, "fuse", no_work)
+    out = tmp_path / "out"
+    assert main(["fuse-batch", str(manifest), "--out", str(out), *FAST]) == 1
+    assert "line 3: unknown moving modality 'xray'" in capsys.readouterr().err
+    assert not out.exists()  # refused before the batch folder was even created
+
+
+def test_a_row_moving_modality_overrides_the_run_option_for_that_row_only(tmp_path: Path, monkeypatch):
+    root = tmp_path / "cohort"
+    for i in range(1, 5):
+        _volume(root / f"sub-{i}" / "ref.nii.gz", 0, 100.0)
+        _volume(root / f"sub-{i}" / "mov.nii.gz", 1, 50.0 + i)
+    manifest = root / "cohort.csv"
+    manifest.write_text("id,reference,moving,degradation,moving_modality\n"
+                        "stated-pet,sub-1/ref.nii.gz,sub-1/mov.nii.gz,,PET\n"
+                        "run-default,sub-2/ref.nii.gz,sub-2/mov.nii.gz,,\n"
+                        "measured,sub-3/ref.nii.gz,sub-3/mov.nii.gz,motion,auto\n"
+                        "degradation-only,sub-4/ref.nii.gz,sub-4/mov.nii.gz,motion,\n", encoding="utf-8")
+    seen: Dict[str, tuple] = {}
+    real_fuse = batch.fuse
+
+    def spy(reference, moving, options, **kwargs):
+        seen[Path(reference).parent.name] = (options.moving_modality, options.degradation)
+        return real_fuse(reference, moving, options, **kwargs)
+
+    monkeypatch.setattr(batch, "fuse", spy)
+    out = tmp_path / "out"
+    assert main(["fuse-batch", str(manifest), "--out", str(out), "--moving-modality", "mr", *FAST]) == 0
+    assert seen == {"sub-1": ("pet", "auto"), "sub-2": ("mr", "auto"), "sub-3": ("auto", "motion"),
+                    "sub-4": ("mr", "motion")}
+
+    summary = _table(out / "summary.csv")
+    assert tuple(summary[0]) == SUMMARY_COLUMNS
+    by_id = {r["id"]: r for r in summary}
+    assert [by_id[c]["moving_modality_used"] for c in ("stated-pet", "run-default", "degradation-only")] == \
+        ["pet", "mr", "mr"]
+    assert {by_id[c]["moving_modality_source"] for c in ("stated-pet", "run-default", "degradation-only")} == {"user"}
+    assert by_id["measured"]["moving_modality_used"] in ("ct", "mr_or_pet")  # auto: measured on the volume
+    assert by_id["measured"]["moving_modality_source"].startswith("measured")
+    assert by_id["measured"]["degradation_used"] == "motion" == by_id["degradation-only"]["degradation_used"]
+
+    # a second run reads the columns back from the reports of the finished cases
+    assert main(["fuse-batch", str(manifest), "--out", str(out), *FAST]) == 0
+    again = {r["id"]: r for r in _table(out / "summary.csv")}
+    assert {r["status"] for r in again.values()} == {"finished-before"}
+    assert [again[c]["moving_modality_used"] for c in ("stated-pet", "run-default")] == ["pet", "mr"]
+    assert again["stated-pet"]["moving_modality_source"] == "user"
+
+
+def test_summary_row_moving_modality_columns_tolerate_reports_without_them(tmp_path: Path):
+    case = BatchCase(0, "c", tmp_path / "r.nii", tmp_path / "m.nii")
+    modality = {"requested": "auto", "stated": "mr", "source": "DICOM header", "used": "mr"}
+    row = summary_row(case, {"degradation": {"requested": "auto", "used": "motion", "moving_modality": modality}},
+                      "fused", tmp_path)
+    assert (row["moving_modality_used"], row["moving_modality_source"]) == ("mr", "DICOM header")
+    for old_report in ({"degradation": {"requested": "auto", "used": "none"}}, {"device": "cpu"},
+                       {"degradation": {"moving_modality": None}}):
+        row = summary_row(case, old_report, "finished-before", tmp_path)
+        assert (row["moving_modality_used"], row["moving_modality_source"]) == ("", "")
+    failed = summary_row(case, None, "failed", tmp_path, 0.1, RuntimeError("boom"))
+    assert (failed["moving_modality_used"], failed["moving_modality_source"]) == ("", "")
+    assert list(row) == list(SUMMARY_COLUMNS)

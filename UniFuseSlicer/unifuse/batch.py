@@ -2,9 +2,9 @@
 
 **Manifest**: a CSV file with a header and one row per pair::
 
-    id,reference,moving,degradation
-    sub-001,sub-001/t1.nii.gz,sub-001/t2.nii.gz,
-    sub-002,sub-002/t1.nii.gz,sub-002/t2.nii.gz,motion
+    id,reference,moving,degradation,moving_modality
+    sub-001,sub-001/t1.nii.gz,sub-001/t2.nii.gz,,
+    sub-002,sub-002/t1.nii.gz,sub-002/t2.nii.gz,motion,mr
 
 ``reference`` and ``moving`` are required (files or DICOM folders; relative paths are relative to the
 manifest's folder). ``id`` is optional: without it (or with an empty cell) a case is named after its
@@ -12,11 +12,15 @@ reference file (``t1`` from ``sub-001/t1.nii.gz``), prefixed with the file's fol
 reference file has the same name (``sub-001_t1``), and with ``rowK_`` if that still collides. Ids become folder names:
 characters other than letters, digits, ``.``, ``_`` and ``-`` are replaced by ``_``. Give ids when the
 manifest will grow, so the names never change. ``degradation`` is optional (``auto``, ``none``, ``motion``,
-``metal``, ``lowdose``; empty = the ``--degradation`` of the run).
+``metal``, ``lowdose``; empty = the ``--degradation`` of the run). ``moving_modality`` is optional (``auto``,
+``ct``, ``mr``, ``pet``; empty = the ``--moving-modality`` of the run): the moving volume's modality, which
+tells the degradation detection which degradations it can have (motion = MR, low dose = PET, metal = CT).
+Column names and these values are case-insensitive.
 
 **Outputs**: every case writes the files of ``unifuse fuse`` into ``DIR/<id>/`` through the shared output
 writer (:mod:`unifuse.outputs`: the case folder is locked, the files staged, verified and only then put in
-place, all or nothing). ``DIR/summary.csv`` holds one row per case of the run (its key figures, see
+place, all or nothing). ``DIR/summary.csv`` holds one row per case of the run (its key figures, among them
+the degradation and the moving modality used and where that modality came from, see
 :data:`SUMMARY_COLUMNS`) and ``DIR/failures.csv`` one row per failed case; with ``--shard i/N`` they are
 ``summary.shard-i-of-N.csv`` and ``failures.shard-i-of-N.csv``, so shards never write the same file.
 
@@ -66,7 +70,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from .config import DEGRADATION_CLASSES
+from .config import DEGRADATION_CLASSES, MOVING_MODALITIES
 from .errors import CancelledError, OutputLockedError, UniFuseError
 from .options import FuseOptions, add_cli_arguments
 from .outputs import claim_output_dir, result_files, write_outputs
@@ -93,7 +97,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: Columns a manifest may have (``reference`` and ``moving`` are required).
-MANIFEST_COLUMNS = ("id", "reference", "moving", "degradation")
+MANIFEST_COLUMNS = ("id", "reference", "moving", "degradation", "moving_modality")
 #: Pipeline stages whose times get a summary column (``time_<stage>_s``; blank when the stage did not run).
 TIMED_STAGES = ("read", "load_model", "header", "affine", "working_grid", "network", "refine", "fusion", "warp", "maps")
 #: Columns of ``summary.csv``:
@@ -102,6 +106,9 @@ TIMED_STAGES = ("read", "load_model", "header", "affine", "working_grid", "netwo
 #: * ``final_stage``: the last alignment stage the guard kept (``header`` when none); ``guard``: each guarded
 #:   stage ``name=kept|rejected`` (``;``-separated);
 #: * ``degradation_*``: requested, classifier's prediction, used; ``p_<class>``: classifier probabilities;
+#: * ``moving_modality_used``/``_source``: the moving modality the degradation detection used (``ct``, ``mr``,
+#:   ``pet``, or as measured ``ct``/``mr_or_pet``) and where it came from (``user``, ``DICOM header``,
+#:   ``measured (…)``); empty for a report written before the option existed;
 #: * ``folding_percent``: % of reference-grid voxels with det J ≤ 0; ``error_map_mean_before/after``: mean of
 #:   the alignment-error map before (header) and after alignment;
 #: * ``time_total_s`` and ``time_<stage>_s``: the pipeline's times; ``case_seconds``: this run's wall time
@@ -109,7 +116,8 @@ TIMED_STAGES = ("read", "load_model", "header", "affine", "working_grid", "netwo
 #: * ``warnings``: the report's warnings, `` | ``-separated; ``error_type``/``error``: why a case failed.
 SUMMARY_COLUMNS = (
     "id", "status", "reference", "moving", "output", "device", "model_id", "model_trained",
-    "degradation_requested", "degradation_predicted", "degradation_used", *(f"p_{c}" for c in DEGRADATION_CLASSES),
+    "degradation_requested", "degradation_predicted", "degradation_used", "moving_modality_used",
+    "moving_modality_source", *(f"p_{c}" for c in DEGRADATION_CLASSES),
     "final_stage", "guard", "folding_percent", "error_map_mean_before", "error_map_mean_after",
     "time_total_s", *(f"time_{s}_s" for s in TIMED_STAGES), "case_seconds", "n_warnings", "warnings",
     "error_type", "error",
@@ -124,7 +132,8 @@ _IO_LOCK = threading.Lock()  # claims, writes and releases of output folders, on
 
 
 class ManifestError(UniFuseError, ValueError):
-    """The manifest cannot be used (missing, no header, missing columns, empty cells, duplicate ids)."""
+    """The manifest cannot be used (missing, no header, missing columns, empty cells, unknown degradation or
+    moving modality, duplicate ids)."""
 
 
 class CaseFailuresError(UniFuseError):
@@ -140,6 +149,7 @@ class BatchCase:
         case_id: folder name of the case's outputs.
         reference, moving: input paths (absolute, or as given when already absolute).
         degradation: the row's degradation, or None for the run's ``--degradation``.
+        moving_modality: the row's moving modality, or None for the run's ``--moving-modality``.
     """
 
     row: int
@@ -147,6 +157,7 @@ class BatchCase:
     reference: Path
     moving: Path
     degradation: Optional[str] = None
+    moving_modality: Optional[str] = None
 
 
 @dataclass
@@ -205,14 +216,27 @@ def _default_ids(rows: Sequence[Tuple[int, str]], needed: Sequence[int], taken: 
     return ids
 
 
-def _check_degradation(value: str, line: int, path: Path) -> Optional[str]:
+def _check_choice(what: str, allowed: Sequence[str], value: str, line: int, path: Path) -> Optional[str]:
+    """A row's optional ``what`` cell, lower-cased; None when empty (the run's option applies).
+
+    Raises:
+        ManifestError: not one of ``allowed``, naming the manifest, the line and the allowed values.
+    """
     value = value.strip().lower()
     if not value:
         return None
-    if value not in ("auto", *DEGRADATION_CLASSES):
-        raise ManifestError(f"{path}, line {line}: unknown degradation {value!r}; use auto, "
-                            f"{', '.join(DEGRADATION_CLASSES)} or leave the cell empty")
+    if value not in allowed:
+        raise ManifestError(f"{path}, line {line}: unknown {what} {value!r}; use {', '.join(allowed)} "
+                            f"or leave the cell empty")
     return value
+
+
+def _check_degradation(value: str, line: int, path: Path) -> Optional[str]:
+    return _check_choice("degradation", ("auto", *DEGRADATION_CLASSES), value, line, path)
+
+
+def _check_moving_modality(value: str, line: int, path: Path) -> Optional[str]:
+    return _check_choice("moving modality", MOVING_MODALITIES, value, line, path)
 
 
 def read_manifest(path: PathLike) -> List[BatchCase]:
@@ -220,15 +244,16 @@ def read_manifest(path: PathLike) -> List[BatchCase]:
 
     Raises:
         ManifestError: missing or unreadable file, no ``reference``/``moving`` column, an empty reference or
-            moving cell, an unknown degradation, duplicate ids, or no rows at all — one line naming the
-            manifest line and the fix.
+            moving cell, an unknown degradation or moving modality, duplicate ids, or no rows at all — one line
+            naming the manifest line and the fix.
     """
     manifest = Path(path).expanduser()
     try:
         text = manifest.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read the manifest {manifest} ({exc.__class__.__name__}); pass a CSV file with the "
-                            f"columns id (optional), reference, moving, degradation (optional)") from None
+                            f"columns id (optional), reference, moving, degradation (optional), moving_modality "
+                            f"(optional)") from None
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip().lower() for c in (reader.fieldnames or [])]
     missing = [c for c in ("reference", "moving") if c not in columns]
@@ -263,7 +288,8 @@ def read_manifest(path: PathLike) -> List[BatchCase]:
         ref, mov = (Path(cells[r]).expanduser() for r in ("reference", "moving"))
         cases.append(BatchCase(k, case_id, ref if ref.is_absolute() else base / ref,
                                mov if mov.is_absolute() else base / mov,
-                               _check_degradation(cells["degradation"], line, manifest)))
+                               _check_degradation(cells["degradation"], line, manifest),
+                               _check_moving_modality(cells["moving_modality"], line, manifest)))
     return cases
 
 
@@ -327,6 +353,8 @@ def summary_row(case: BatchCase, report: Optional[Dict[str, Any]], status: str, 
     if not report:
         return row
     deg = report.get("degradation") or {}
+    modality = deg.get("moving_modality")
+    modality = modality if isinstance(modality, dict) else {}  # reports written before the option: empty cells
     model = report.get("model") or {}
     alignment = report.get("alignment") or {}
     guard = ";".join(f"{name}={'kept' if s.get('kept') else 'rejected'}"
@@ -336,7 +364,9 @@ def summary_row(case: BatchCase, report: Optional[Dict[str, Any]], status: str, 
     row.update(
         device=report.get("device", ""), model_id=model.get("id", ""), model_trained=model.get("trained", ""),
         degradation_requested=deg.get("requested", ""), degradation_predicted=deg.get("predicted", ""),
-        degradation_used=deg.get("used", ""), final_stage=alignment.get("final_stage", ""), guard=guard,
+        degradation_used=deg.get("used", ""), moving_modality_used=_fmt(modality.get("used")),
+        moving_modality_source=_fmt(modality.get("source")), final_stage=alignment.get("final_stage", ""),
+        guard=guard,
         folding_percent=_fmt((report.get("folding_percent") or {}).get("reference_grid")),
         error_map_mean_before=_fmt((report.get("error_map_mean") or {}).get("before")),
         error_map_mean_after=_fmt((report.get("error_map_mean") or {}).get("after")),
@@ -446,7 +476,9 @@ def _fuse_case(case: BatchCase, out: Path, options: FuseOptions, model: Any, ove
         return summary_row(case, _read_report(folder), "finished-before", folder)
     t0 = time.perf_counter()
     try:
-        opts = options.replace(degradation=case.degradation) if case.degradation else options
+        overrides = {name: value for name, value in (("degradation", case.degradation),
+                                                     ("moving_modality", case.moving_modality)) if value}
+        opts = options.replace(**overrides) if overrides else options  # the row's cells over the run's options
         with _IO_LOCK:  # overwrite: an unfinished folder may hold a killed run's leftovers
             claim = claim_output_dir(folder, _output_names(), overwrite=True, inputs=(case.reference, case.moving))
         try:
@@ -517,7 +549,8 @@ def run_batch(
 
     Args:
         manifest: the CSV manifest. out: the batch folder (created).
-        options: the run's :class:`FuseOptions` (a row's ``degradation`` overrides ``options.degradation``).
+        options: the run's :class:`FuseOptions` (a row's ``degradation`` and ``moving_modality`` override
+            ``options.degradation`` and ``options.moving_modality`` for that row).
         workers: CPU worker threads (default 1); on CUDA one worker per GPU whatever this says.
         shard: ``(i, N)``: only rows k with ``k mod N == i``.
         overwrite: recompute finished cases (replacing their outputs) instead of skipping them.
@@ -587,10 +620,11 @@ def add_batch_parser(subparsers: "argparse._SubParsersAction") -> None:
     """Add the ``fuse-batch`` sub-command (with the :class:`FuseOptions` flags) to a sub-parser collection."""
     p = subparsers.add_parser(
         "fuse-batch", help="fuse every pair of a CSV manifest (resumable; summary.csv; --shard for clusters)",
-        description="Fuse every row (id, reference, moving, degradation) of MANIFEST into OUT/<id>/; finished cases "
-                    "are skipped, failures recorded, a summary written (see docs/batch.md).")
+        description="Fuse every row (id, reference, moving, degradation, moving_modality) of MANIFEST into "
+                    "OUT/<id>/; finished cases are skipped, failures recorded, a summary written (see docs/batch.md).")
     p.add_argument("manifest", type=Path, help="CSV with the columns id (optional), reference, moving, degradation "
-                                               "(optional); relative paths are relative to the manifest's folder")
+                                               "(optional), moving_modality (optional: auto, ct, mr, pet); relative "
+                                               "paths are relative to the manifest's folder")
     p.add_argument("--out", required=True, type=Path, help="batch folder: OUT/<id>/ per case, summary.csv, failures.csv")
     p.add_argument("--workers", type=int, default=None,
                    help="CPU worker threads sharing one network (default 1); on CUDA one worker per GPU")
