@@ -41,7 +41,8 @@ def test_fuse_writes_every_output_and_a_report(tmp_path, capsys):
     assert report["model"]["trained"] is False and "UNTRAINED" in report["warning"]
     # 3 mm default spacing over a 30 x 27 x 32 mm overlap, edges rounded up to the tiny network's multiple of 4
     assert report["working_grid"]["spacing_mm"] == [3.0] * 3 and report["working_grid"]["size"] == [12, 12, 12]
-    assert [s["name"] for s in report["stages"]][3:9] == ["header", "affine", "working_grid", "network", "warp", "fusion"]
+    assert [s["name"] for s in report["stages"]][3:10] == ["header", "affine", "working_grid", "network", "refine", "warp",
+                                                           "fusion"]
     fused = sitk.ReadImage(str(out / "fused.nii.gz"))
     assert fused.GetSize() == (20, 18, 16) and np.allclose(fused.GetSpacing(), (1.5, 1.5, 2.0))
     assert (ref.read_bytes(), mov.read_bytes()) == before  # inputs untouched

@@ -19,6 +19,7 @@ from unifuse.config import DEGRADATION_CLASSES, tiny
 from unifuse.errors import DeviceError, InputImageError, OutputExistsError, UniFuseError
 from network_doubles import FieldNet
 from unifuse import stages
+from unifuse.guard import REFINE_MIN_GAIN
 from unifuse.pipeline import OUTPUT_FILES, REPORT_FILE, LoadedModel, fuse
 
 
@@ -241,6 +242,9 @@ def test_untrained_network_runs_every_stage_end_to_end_and_says_so(tmp_path):
     for name in ("affine", "network", "refine"):
         stage = report["alignment"]["stages"][name]
         assert isinstance(stage["kept"], bool) and stage["score"] >= 0.0
+    refine = next(s for s in report["stages"] if s["name"] == "refine")  # judged with the larger margin
+    assert refine["details"]["min_gain"] == REFINE_MIN_GAIN
+    assert refine["kept"] == (refine["score"] < refine["previous_score"] * (1.0 - REFINE_MIN_GAIN))
     fractions = [f for f, _ in calls]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     paths = result.save(tmp_path / "out dir ü")

@@ -190,3 +190,24 @@ def test_runs_on_cuda_like_on_the_cpu(pair):
     result = refine_field(fixed.cuda(), moving.cuda(), spacing_mm=SPACING, settings=refine_settings("fast"))
     assert result.field.is_cuda
     assert epe_mm(result.field.cpu(), truth, obj) < 0.6 * epe_mm(torch.zeros_like(truth), truth, obj)
+
+
+def test_the_guard_asks_the_refinement_for_a_larger_gain(pair):
+    """The refinement optimises (nearly) the guard's own MIND score, so the guard keeps it only for a relative
+    gain of at least REFINE_MIN_GAIN: a slightly better field passes the default margin but not that one; a
+    field that repairs the alignment passes both."""
+    from unifuse.guard import REFINE_MIN_GAIN, AlignmentGuard, Candidate
+    from unifuse.spatial import warp
+
+    fixed, moving, truth, obj, _ = pair
+    guard = AlignmentGuard(fixed, obj.float())
+
+    def candidate(u: torch.Tensor) -> Candidate:
+        return Candidate("c", warp(moving, u), warp(torch.ones_like(moving), u))
+
+    start, close, repaired = candidate(torch.zeros_like(truth)), candidate(0.05 * truth), candidate(truth)
+    keep, before, after = guard.compare(start, close)
+    assert keep and 0.002 < 1 - after / before < REFINE_MIN_GAIN, (before, after)
+    assert not guard.compare(start, close, min_gain=REFINE_MIN_GAIN)[0]
+    keep, before, after = guard.compare(start, repaired, min_gain=REFINE_MIN_GAIN)
+    assert keep and 1 - after / before > REFINE_MIN_GAIN, (before, after)

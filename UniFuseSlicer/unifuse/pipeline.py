@@ -419,7 +419,7 @@ def _deformable_stages(
     import torch
 
     from . import stages
-    from .guard import AlignmentGuard
+    from .guard import REFINE_MIN_GAIN, AlignmentGuard
     from .spatial import jacobian_determinant
 
     cfg = loaded.config
@@ -478,9 +478,9 @@ def _deformable_stages(
                 generator=generator,
             )
             proposed = stages.deformable_candidate("refine", base, result.field)
-            keep, before, after = guard.compare(current, proposed)
+            keep, before, after = guard.compare(current, proposed, min_gain=REFINE_MIN_GAIN)
             rec.kept, rec.previous_score, rec.score = keep, before, after
-            rec.details = {"settings": opts.refine, "iterations": result.iterations,
+            rec.details = {"settings": opts.refine, "iterations": result.iterations, "min_gain": REFINE_MIN_GAIN,
                            "optimised_score_before": result.score_before, "optimised_score_after": result.score_after,
                            "levels": [dataclasses.asdict(level) for level in result.levels]}
             if keep:

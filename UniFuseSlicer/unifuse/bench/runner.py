@@ -7,7 +7,7 @@ For every case (:mod:`unifuse.bench.cases`: the synthetic held-out tasks, ``--pa
   loaded once (shipped weights, ``--weights``, or an untrained network that the report flags),
   ``degradation="auto"`` with the case's moving modality stated when known (``BenchCase.moving_modality``), fused
   volume in [0, 1] (``map_back=False``), each with its own options: ``unifuse``
-  (the defaults), ``unifuse-refine-fast`` / ``unifuse-refine-full`` (with a refinement), and the ablations
+  (the defaults: fast refinement), ``unifuse-refine-none`` / ``unifuse-refine-full``, and the ablations
   without the network's field: ``affine+refine-fast``, ``affine+refine-full`` and ``affine-only``. Every run
   records the guard's decisions (``report["alignment"]``) and its per-stage times (``report["timings_s"]``).
 * **registration baselines** (:mod:`unifuse.bench.baselines`) — ``none`` (header geometry: the floor),
@@ -79,8 +79,8 @@ TRUTH = "truth"
 HEADER_ONLY = "none"
 #: UniFuse pipeline runs: method name -> FuseOptions overrides (on top of the defaults) and a description.
 PIPELINE_VARIANTS: Dict[str, Tuple[Dict[str, Any], str]] = {
-    UNIFUSE: ({}, "the pipeline's defaults (affine, network field, no refinement, guard)"),
-    "unifuse-refine-fast": ({"refine": "fast"}, "defaults with the fast refinement"),
+    UNIFUSE: ({}, "the pipeline's defaults (affine, network field, fast refinement, guard)"),
+    "unifuse-refine-none": ({"refine": "none"}, "defaults without the refinement"),
     "unifuse-refine-full": ({"refine": "full"}, "defaults with the full refinement"),
     "affine+refine-fast": ({"network": False, "refine": "fast"}, "ablation: no network field, fast refinement"),
     "affine+refine-full": ({"network": False, "refine": "full"}, "ablation: no network field, full refinement"),
