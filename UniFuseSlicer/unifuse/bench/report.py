@@ -149,7 +149,7 @@ def _best(table: Dict[str, Any], key: str, higher: bool, exclude: Sequence[str])
 #: Table labels of the UniFuse pipeline runs (``runner.PIPELINE_VARIANTS``).
 PIPELINE_LABELS: Dict[str, str] = {
     "unifuse": "**UniFuse**",
-    "unifuse-refine-fast": "UniFuse, refine fast",
+    "unifuse-refine-none": "UniFuse, no refinement",
     "unifuse-refine-full": "UniFuse, refine full",
     "affine+refine-fast": "affine + refine fast (no network)",
     "affine+refine-full": "affine + refine full (no network)",
