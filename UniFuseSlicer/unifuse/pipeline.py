@@ -527,7 +527,6 @@ def _native_fusion(run: _Run, loaded: LoadedModel, ref_img: sitk.Image, aligned:
 # main entry point
 
 
-
 def _moving_modality(requested: str, moving: sitk.Image) -> Dict[str, str]:
     """The moving modality the degradation detection is told: the user's, else a DICOM header's, else
     ``"auto"`` (measured). Returns {"requested", "stated", "source"}; the pipeline adds "used"."""
@@ -594,10 +593,11 @@ def fuse(
     with run.stage("degradation_evidence", 0.04, "measuring degradation cues"):
         try:  # on the moving volume as read: its own grid and units
             evidence = degradation_evidence(mov_img, modality["stated"])
-        except InputImageError as exc:
+        except InputImageError:
             if modality["source"] != "DICOM header":
                 raise
-            run.note(f"the DICOM header says the moving volume is a CT, but {exc}; its modality is detected instead")
+            run.note("the DICOM header says the moving volume is a CT, but its voxels are not in Hounsfield units "
+                     "(no air near -1000 HU); its modality is detected instead")
             modality = {**modality, "stated": "auto", "source": "measured (DICOM header contradicted)"}
             evidence = degradation_evidence(mov_img)
         modality["used"] = evidence.modality
