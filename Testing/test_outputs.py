@@ -166,7 +166,24 @@ def test_interrupt_while_replacing_restores_the_previous_outputs(tmp_path, monke
     _assert_clean(out)
 
 
-def test_ctrl_c_during_the_renames_is_deferred_until_all_are_in_place(tmp_path, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a process started with SIGINT ignored
+    (e.g. a background job of a non-interactive shell, `cmd &` in a script) has no Ctrl-C to defer."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ignored_sigint_stays_ignored_after_the_block(python_sigint):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with deferred_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # nothing raised, nothing changed
+
+
+def test_ctrl_c_during_the_renames_is_deferred_until_all_are_in_place(tmp_path, monkeypatch, python_sigint):
     out = tmp_path / "o"
     real = os.replace
     count = [0]
@@ -186,7 +203,7 @@ def test_ctrl_c_during_the_renames_is_deferred_until_all_are_in_place(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]
 
 
-def test_deferred_signals_delivers_after_the_block():
+def test_deferred_signals_delivers_after_the_block(python_sigint):
     order = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_signals():
