@@ -444,7 +444,8 @@ LIMITATIONS = (
     "Trained on synthetic brain volumes, then fine-tuned on crops of the 12 real training cases (6 subjects) of "
     "`unifuse data real`. On the real-anatomy validation cases of `unifuse bench --real` (docs/benchmark.md, "
     "2026-12-03) the pipeline's guard rejected this network's deformable field on every case (3 mm working grid "
-    "after an MI affine), so the alignment there comes from the affine stage; the fused and restored volumes are "
+    "after an MI affine), also on the same cases rebuilt with larger non-rigid deformations, so the alignment "
+    "there comes from the affine stage and the guarded MIND-SSC refinement; the fused and restored volumes are "
     "the network's.",
     "Not a medical device; not for clinical use or diagnosis.",
     "Trained on CPU for a short schedule on 32³ grids; far less training than the paper (500 epochs at 160³ on a "
