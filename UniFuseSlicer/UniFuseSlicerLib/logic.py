@@ -43,6 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 
 import slicer
+from unifuse.config import MOVING_MODALITY_LABELS
 from unifuse.errors import CancelledError, GeometryError, InputImageError, UniFuseError
 from unifuse.options import FuseOptions
 from unifuse.pipeline import IMAGE_OUTPUT_FILES, OUTPUT_FILES, REPORT_FILE, FusionResult  # file names written by FusionResult.save / the CLI
@@ -226,7 +227,7 @@ def format_summary(degradation: str, probabilities: Mapping[str, float], report:
 
 
 #: Names of the moving modality the core used (``report["degradation"]["moving_modality"]["used"]``).
-_MODALITY_NAMES = {"ct": "CT", "mr": "MRI", "pet": "PET", "mr_or_pet": "MRI or PET"}
+_MODALITY_NAMES = {**MOVING_MODALITY_LABELS, "mr_or_pet": "MRI or PET"}
 #: How the summary words the core's ``source`` of the moving modality.
 _MODALITY_SOURCES = {
     "user": "set by the user",
@@ -345,23 +346,18 @@ class ModalityResolution:
 
 
 def _voxels_in_hu(node: Any) -> bool:
-    """The core's HU test (``unifuse.degradation_evidence.is_hu_volume`` on a float32 regular sub-sample of
-    at most ``SAMPLE_VOXELS`` voxels, as the core takes it) on the node's voxels; False without voxel data."""
+    """The core's HU test (``unifuse.degradation_evidence.in_hounsfield_units``) on the node's voxels; False
+    without voxel data."""
     from vtkmodules.util import numpy_support
 
-    from unifuse.degradation_evidence import SAMPLE_VOXELS, is_hu_volume
+    from unifuse.degradation_evidence import in_hounsfield_units
 
     image_data = node.GetImageData() if node is not None else None
     scalars = image_data.GetPointData().GetScalars() if image_data is not None else None
     if scalars is None or scalars.GetNumberOfComponents() != 1:
         return False
     nx, ny, nz = image_data.GetDimensions()
-    array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx)  # a view: nothing copied yet
-    step = 1
-    while array.size / step ** 3 > SAMPLE_VOXELS:
-        step += 1
-    sample = np.ascontiguousarray(array[::step, ::step, ::step], dtype=np.float32)
-    return bool(is_hu_volume(sitk.GetImageFromArray(sample), sample))
+    return in_hounsfield_units(numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx))  # a view: no copy
 
 
 def resolve_moving_modality(requested: str, moving_node: Any, database: Any = None) -> ModalityResolution:

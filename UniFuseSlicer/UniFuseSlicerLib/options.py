@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from unifuse.config import DEGRADATION_CLASSES, DEGRADATION_LABELS, MOVING_MODALITIES, MOVING_MODALITY_LABELS
+from unifuse.config import (DEGRADATION_CLASSES, DEGRADATION_LABELS, MOVING_MODALITIES, MOVING_MODALITY_LABELS,
+                            modality_from_dicom)  # re-exported: the DICOM mapping is the core's own
 
 __all__ = [
     "Choice",
@@ -77,18 +78,6 @@ def moving_modality_values() -> List[str]:
 
 #: The DICOM Modality attribute as ``ctkDICOMDatabase.fileValue`` names it.
 DICOM_MODALITY_TAG = "0008,0060"
-#: DICOM Modality values (defined terms) -> moving modalities; the same mapping as the core's for DICOM inputs
-#: (``unifuse.io.header_modality``).
-_DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet"}
-
-
-def modality_from_dicom(value: Optional[str]) -> Optional[str]:
-    """``"ct"``, ``"mr"`` or ``"pet"`` for a DICOM Modality value (``CT``, ``MR``, ``PT``; case and surrounding
-    blanks ignored); None for anything else (other modalities, empty, None)."""
-    if not isinstance(value, str):
-        return None
-    return _DICOM_MODALITIES.get(value.strip().upper())
-
 
 
 #: What a run does with the output nodes of the previous run ("new": new nodes every run; "update": overwrite

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -26,6 +26,18 @@ DEGRADATION_LABELS: Dict[str, str] = {
 #: Modalities a user can state for the moving volume; ``auto``: from a DICOM header, else CT (HU scale) or
 #: MR-or-PET (:mod:`unifuse.degradation_evidence`).
 MOVING_MODALITIES: Tuple[str, ...] = ("auto", "ct", "mr", "pet")
+#: DICOM Modality values (defined terms, attribute 0008,0060) -> :data:`MOVING_MODALITIES`.
+DICOM_MODALITIES: Dict[str, str] = {"CT": "ct", "MR": "mr", "PT": "pet"}
+
+
+def modality_from_dicom(value: Optional[str]) -> Optional[str]:
+    """``"ct"``, ``"mr"`` or ``"pet"`` for a DICOM Modality value (``CT``, ``MR``, ``PT``; case and surrounding
+    blanks ignored); None for anything else (other modalities, empty, None)."""
+    if not isinstance(value, str):
+        return None
+    return DICOM_MODALITIES.get(value.strip().upper())
+
+
 #: Human-readable names of :data:`MOVING_MODALITIES` for GUIs.
 MOVING_MODALITY_LABELS: Dict[str, str] = {
     "auto": "auto (DICOM header, or CT by its HU scale)",

@@ -70,6 +70,7 @@ __all__ = [
     "MODALITIES",
     "STATED_MODEL",
     "gate_open",
+    "in_hounsfield_units",
     "measured_modality",
 ]
 
@@ -242,6 +243,15 @@ def is_hu_volume(image: sitk.Image, array: np.ndarray) -> bool:
         return False
     low = float(np.percentile(flat, 0.5))
     return -1100.0 <= low <= -900.0
+
+
+def in_hounsfield_units(array_zyx: np.ndarray) -> bool:
+    """The HU test :func:`degradation_evidence` applies to a (z, y, x) volume in its own units:
+    :func:`is_hu_volume` on a regular sub-sample of at most :data:`SAMPLE_VOXELS` voxels, as float32 (the
+    pipeline's working copy; for integer voxels the result is the same)."""
+    step = _step_for(array_zyx.size, SAMPLE_VOXELS)
+    sample = np.ascontiguousarray(array_zyx[::step, ::step, ::step], dtype=np.float32)
+    return bool(is_hu_volume(sitk.GetImageFromArray(sample), sample))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -688,8 +698,7 @@ def degradation_evidence(image: sitk.Image, modality: str = "auto") -> Evidence:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("degradation evidence needs a scalar 3D image")
     array = sitk.GetArrayViewFromImage(image)
-    step = _step_for(array.size, SAMPLE_VOXELS)
-    ct = is_hu_volume(image, np.asarray(array[::step, ::step, ::step]))
+    ct = in_hounsfield_units(array)
     if modality == "ct" and not ct:
         raise InputImageError(
             "the moving volume was stated to be a CT, but it is not in Hounsfield units (no air near -1000 HU), "

@@ -34,6 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import resources
+from .config import modality_from_dicom
 from .errors import InputImageError, UniFuseError
 from .outputs import check_targets
 
@@ -199,8 +200,6 @@ def _read_dicom_folder(p: Path) -> sitk.Image:
 
 #: DICOM Modality attribute (0008,0060) as SimpleITK names it.
 DICOM_MODALITY_TAG = "0008|0060"
-#: DICOM Modality values -> the moving modalities of :data:`unifuse.degradation_evidence.MODALITIES`.
-_DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet"}
 
 
 def header_modality(image: sitk.Image) -> Optional[str]:
@@ -208,7 +207,7 @@ def header_modality(image: sitk.Image) -> Optional[str]:
     inputs (a single DICOM file keeps it too); None for other formats or other modalities."""
     if not image.HasMetaDataKey(DICOM_MODALITY_TAG):
         return None
-    return _DICOM_MODALITIES.get(image.GetMetaData(DICOM_MODALITY_TAG).strip().upper())
+    return modality_from_dicom(image.GetMetaData(DICOM_MODALITY_TAG))
 
 
 def _dicom_header(name: str) -> sitk.ImageFileReader:
