@@ -25,8 +25,10 @@ from unifuse.train.trainer import (
     TRAIN_COLUMNS,
     VAL_COLUMNS,
     EpochPermutationSampler,
+    SOFT_MIX_MAX,
     Trainer,
     cosine_lr_factor,
+    soft_class_weights,
 )
 
 
@@ -311,11 +313,55 @@ def test_lr_multipliers_scale_the_named_parameters_and_reject_typos(tmp_path):
         ({"val_seed": 1, "train_seed": 1}, "val_seed"),
         ({"working_size": 18}, "multiple"),
         ({"model": "huge"}, "huge"),
+        ({"soft_degradation_fraction": 1.5}, "soft_degradation_fraction"),
+        ({"soft_degradation_fraction": 0.5}, "true_degradation_in_training"),
     ],
 )
 def test_invalid_configs_name_the_problem(changes, message):
     with pytest.raises(UniFuseError, match=message):
         _tiny(**changes)
+
+
+def test_soft_class_weights_are_mixtures_around_the_true_class_drawn_for_the_global_batch():
+    classes = torch.tensor([0, 1, 2, 3, 1, 2, 0, 3] * 50)
+    weights = soft_class_weights(classes, 4, 0.5, torch.Generator().manual_seed(3))
+    assert weights.shape == (400, 4) and bool((weights >= 0).all())
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(400))
+    one_hot = torch.nn.functional.one_hot(classes, 4).float()
+    soft = (weights - one_hot).abs().sum(dim=1) > 1e-6
+    assert 0.4 < soft.float().mean().item() < 0.6  # about the fraction asked for
+    true_weight = weights[torch.arange(400), classes]
+    assert bool((true_weight >= 1.0 - SOFT_MIX_MAX - 1e-6).all())
+    assert bool((weights.argmax(dim=1) != classes).any())  # sometimes another class wins, as calibrated p can
+    assert torch.equal(soft_class_weights(classes, 4, 0.0, torch.Generator().manual_seed(3)), one_hot)
+    # a data-parallel rank draws the global batch's numbers and takes its slice
+    whole = soft_class_weights(classes[:8], 4, 0.5, torch.Generator().manual_seed(9))
+    second = soft_class_weights(classes[4:8], 4, 0.5, torch.Generator().manual_seed(9), batch_slice=(4, 8))
+    torch.testing.assert_close(second, whole[4:8])
+
+
+def test_soft_mixtures_change_what_the_prompts_see_and_only_when_asked(tmp_path):
+    torch.set_num_threads(1)
+    base = _tiny(steps=2, val_every=2, checkpoint_every=2, true_degradation_in_training=True)
+    losses = {}
+    for name, fraction in (("one_hot", 0.0), ("soft", 1.0)):
+        trainer = Trainer(base.replace(soft_degradation_fraction=fraction), tmp_path / name, device="cpu", log_stream=None)
+        batch = next(iter(trainer.val_batches))
+        seen = {}
+
+        def record(module, args, kwargs):
+            seen["p"] = kwargs.get("degradation")
+
+        handle = trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+        total, _, _ = trainer.compute_loss(batch, torch.Generator().manual_seed(0), teacher_forcing=True)
+        handle.remove()
+        losses[name] = float(total)
+        if fraction == 0.0:
+            assert torch.equal(seen["p"], batch["degradation"])  # class ids: one-hot teacher forcing
+        else:
+            assert seen["p"].shape == (batch["degradation"].shape[0], 4) and seen["p"].is_floating_point()
+            assert not torch.equal(seen["p"], torch.nn.functional.one_hot(batch["degradation"], 4).float())
+    assert losses["one_hot"] != losses["soft"]
 
 
 def test_unknown_config_name_and_bad_json(tmp_path):

@@ -47,6 +47,7 @@ __all__ = [
     "cpu_finetune",
     "cpu_stats",
     "cpu_real",
+    "cpu_real_deform",
     "gpu",
     "get_train_config",
     "load_train_config",
@@ -126,6 +127,11 @@ class TrainConfig:
         true_degradation_in_training: feed the true degradation class (one-hot) to the prompts and the ALSN
             LoRA mixing during training steps instead of the classifier's p (teacher forcing); the classifier
             is then trained by L_ce alone. Validation and inference always use the classifier's p.
+        soft_degradation_fraction: with ``true_degradation_in_training``, the fraction in [0, 1] of training
+            samples whose prompts and ALSN mix the classes with a *soft* probability vector instead of the
+            one-hot true class, as at inference, where the pipeline mixes with calibrated probabilities
+            (:func:`unifuse.train.trainer.soft_class_weights`: the one-hot vector blended with a random one, sometimes so far that
+            another class wins). 0 = one-hot only (and no random draw, so older runs replay unchanged).
         val_every: validate every this many steps (and at the last step).
         checkpoint_every: write the resumable training state every this many steps (and at the last step).
         log_every: print a progress line on stderr every this many steps.
@@ -161,6 +167,7 @@ class TrainConfig:
     init: str = "he_conv"
     init_from: Optional[str] = None
     true_degradation_in_training: bool = False
+    soft_degradation_fraction: float = 0.0
     val_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
@@ -195,6 +202,12 @@ class TrainConfig:
             problems.append(f"num_workers must be >= 0 (got {self.num_workers})")
         if self.cache_train and self.num_workers > 0:
             problems.append("cache_train keeps cases in the main process and needs num_workers=0 (workers would each cache a copy)")
+        soft = self.soft_degradation_fraction
+        if isinstance(soft, bool) or not isinstance(soft, (int, float)) or not 0.0 <= soft <= 1.0:
+            problems.append(f"soft_degradation_fraction must be a fraction in [0, 1] (got {soft!r})")
+        elif soft > 0 and not self.true_degradation_in_training:
+            problems.append("soft_degradation_fraction softens the teacher-forced class; it needs "
+                            "true_degradation_in_training=True (without it the classifier's own p is used already)")
         problems += self._data_problems()
         if self.num_threads is not None and self.num_threads < 1:
             problems.append(f"num_threads must be >= 1 or None (got {self.num_threads})")
@@ -374,6 +387,30 @@ def cpu_real() -> TrainConfig:
     )
 
 
+def cpu_real_deform() -> TrainConfig:
+    """Fine-tune the ``cpu_real`` weights on larger residual deformations, with soft class mixtures (issues 11, 12).
+
+    ``unifuse train --config cpu_real_deform --init-from UniFuseSlicer/Resources/Models/unifuse_default.pt
+    --out runs/deform``. ``cpu_real``'s crops left a sub-voxel residual (a smooth field of up to 3 mm) that the
+    field head learned to leave alone; here the smooth part of the residual is drawn with up to 6 mm per
+    component on the crop's 4³ control grid (a mean length of ~3 mm, 1 working-grid voxel, and up to ~10 mm),
+    the scale of the non-affine part that real deformations leave after the affine stage
+    (``docs/probes/large_deformation_cases.py``). Half the samples condition the prompts and ALSN on a soft
+    class mixture (``soft_degradation_fraction``), as the pipeline does with its calibrated probabilities.
+    """
+    return cpu_real().replace(
+        name="cpu_real_deform",
+        steps=2400,
+        warmup_steps=50,
+        train_seed=5,
+        train_samples=4800,
+        folder_options={"nonrigid_mm": 6.0},
+        lr_multipliers={},
+        soft_degradation_fraction=0.5,
+        val_every=300,
+    )
+
+
 def gpu() -> TrainConfig:
     """Paper-like setting for one CUDA GPU: ``default`` network at 64³, batch 3, lr 1e-4 → 1e-6, AMP."""
     return TrainConfig(
@@ -397,7 +434,8 @@ def gpu() -> TrainConfig:
 
 
 TRAIN_CONFIGS: Dict[str, Callable[[], TrainConfig]] = {
-    "tiny": tiny, "cpu": cpu, "cpu_finetune": cpu_finetune, "cpu_stats": cpu_stats, "cpu_real": cpu_real, "gpu": gpu,
+    "tiny": tiny, "cpu": cpu, "cpu_finetune": cpu_finetune, "cpu_stats": cpu_stats, "cpu_real": cpu_real,
+    "cpu_real_deform": cpu_real_deform, "gpu": gpu,
 }
 
 

@@ -82,7 +82,11 @@ __all__ = [
     "he_conv_init",
     "parameter_groups",
     "make_dataset",
+    "soft_class_weights",
 ]
+
+#: Largest blend weight of the random part of a soft class mixture (:func:`soft_class_weights`).
+SOFT_MIX_MAX = 0.75
 
 #: Parameter-name prefix of the degradation-statistics branch (``ModelConfig.degradation_stats``).
 DEGRADATION_STATS_PREFIX = "dapl.stats."
@@ -255,6 +259,28 @@ class CachedDataset(Dataset):
         return item
 
 
+def soft_class_weights(classes: torch.Tensor, num_classes: int, fraction: float, generator: torch.Generator,
+                       batch_slice: Optional[tuple] = None) -> torch.Tensor:
+    """Teacher-forcing class weights with soft mixtures, (B, Ñ) float rows that sum to 1.
+
+    Each sample gets the one-hot vector of its true class ``classes`` (B,), except a random ``fraction`` of
+    them, which get ``(1 - a) one_hot + a q`` with ``a ~ U(0, SOFT_MIX_MAX)`` and ``q`` uniform on the simplex
+    (Dirichlet(1, …, 1)): the kind of calibrated probabilities the pipeline mixes the LoRA experts with, from
+    confident to wrong (for ``a`` > 0.5 another class can carry the most weight). The draws come from
+    ``generator`` for the global batch (``batch_slice`` = (this rank's offset, global batch size); default
+    this batch), so every process of a data-parallel run draws the same numbers.
+    """
+    b = int(classes.shape[0])
+    offset, total = batch_slice if batch_slice is not None else (0, b)
+    chosen = torch.rand(total, generator=generator)[offset:offset + b] < fraction
+    blend = (torch.rand(total, generator=generator) * SOFT_MIX_MAX)[offset:offset + b]
+    q = -torch.log(torch.rand(total, num_classes, generator=generator).clamp_min(1e-12))[offset:offset + b]
+    q = q / q.sum(dim=1, keepdim=True)
+    one_hot = torch.nn.functional.one_hot(classes.cpu(), num_classes).float()
+    a = torch.where(chosen, blend, torch.zeros_like(blend))[:, None]
+    return ((1.0 - a) * one_hot + a * q).to(classes.device)
+
+
 def make_dataset(split: str, samples: int, size: int, seed: int, options: Optional[Dict[str, Any]] = None) -> Dataset:
     """The synthetic dataset of ``samples`` cases on an ``size``³ grid (see :mod:`unifuse.data.synthetic`)."""
     return synthetic_pairs(split, samples, size, seed, options)
@@ -270,7 +296,8 @@ class _TrainingForward(torch.nn.Module):
 
     def forward(self, reference: torch.Tensor, moving: torch.Tensor, degradation: Optional[torch.Tensor],
                 aligned_clean: torch.Tensor, reference_moved: torch.Tensor):
-        """All (B, 1, S, S, S) volumes; ``degradation`` (B,) class ids for teacher forcing or None.
+        """All (B, 1, S, S, S) volumes; ``degradation`` (B,) class ids or (B, Ñ) class weights for teacher
+        forcing, or None.
         Returns ``(UniFuseOutput, F̄_D, F̄'_R)`` with token sets (B, N, M)."""
         out = self.model(reference, moving, degradation=degradation)
         tokens_d, tokens_r_moved = self.model.encode_unified(aligned_clean, reference_moved, out.dapl_states)
@@ -611,7 +638,8 @@ class Trainer:
         """Forward pass and total loss of one batch; returns ``(total, components, output)``.
 
         ``teacher_forcing`` conditions the prompts and ALSN on the true degradation class instead of the
-        classifier's p (``TrainConfig.true_degradation_in_training``). The network runs under autocast
+        classifier's p (``TrainConfig.true_degradation_in_training``), softened for a fraction of the samples
+        (``TrainConfig.soft_degradation_fraction``, :func:`soft_class_weights`). The network runs under autocast
         (CUDA only); the losses are evaluated in float32. ``forward``: the training forward module (the
         DDP-wrapped one in a training step; default: the bare network). ``batch_slice``: ``(offset, global
         batch)`` of this rank's items (L_moda's negatives; see :func:`unifuse.train.losses.loss_moda`).
@@ -623,9 +651,14 @@ class Trainer:
         u_gt = batch["field"]
         aligned_clean_gt = _aligned_label(batch)  # I_D: the clean moving volume aligned with R
         forward = forward if forward is not None else _TrainingForward(self.model)
+        forced = None
+        if teacher_forcing:
+            forced = batch["degradation"]
+            if self.config.soft_degradation_fraction > 0:  # no draw otherwise: older runs replay unchanged
+                forced = soft_class_weights(forced, self.model_config.num_degradations,
+                                            self.config.soft_degradation_fraction, generator, batch_slice)
         with self._autocast():
-            out, tokens_d, tokens_r_moved = forward(reference, moving, batch["degradation"] if teacher_forcing else None,
-                                                    aligned_clean_gt, reference_moved)
+            out, tokens_d, tokens_r_moved = forward(reference, moving, forced, aligned_clean_gt, reference_moved)
         displacement = out.displacement.float()
         total, parts = self.loss_fn(
             logits=out.logits.float(),
