@@ -648,17 +648,21 @@ def fuse(
             return geometry.resample(image, ref_img, default=float(norm.low) if opts.map_back else 0.0)
 
         fused = on_reference(fused_u, ref_norm)
-        restored = None if restored_u is None else on_reference(restored_u, mov_norm)
-        restoration_note = ("not produced: this network has no restoration output (ModelConfig.restoration_head)"
-                            if restored is None else "moving units" if opts.map_back else "[0, 1]")
-        if restored is not None and used == "none":
+        if restored_u is None:
+            restored = None
+            restoration_note = "not produced: this network has no restoration output (ModelConfig.restoration_head)"
+        elif used == "none":
             # nothing to restore: on the clean real validation volume the restoration output lowered SSIM to
             # the truth from 0.79 to 0.57 (docs/benchmark.md), so a volume with no degradation is left as it is
+            # (the restoration channel comes out of the fusion U-Net's patches at no extra cost; it is dropped)
             restored = aligned if opts.map_back else sitk.GetImageFromArray(
                 mov_norm.apply(sitk.GetArrayViewFromImage(aligned)).astype(np.float32))
             if not opts.map_back:
                 restored.CopyInformation(aligned)
             restoration_note = "the aligned volume unchanged: degradation 'none' (nothing to restore)"
+        else:
+            restored = on_reference(restored_u, mov_norm)
+            restoration_note = "moving units" if opts.map_back else "[0, 1]"
         rec.details = {"grid_size": list(fusion_on.GetSize()), "grid_spacing_mm": list(fusion_on.GetSpacing()),
                        "precision": precision}
 
