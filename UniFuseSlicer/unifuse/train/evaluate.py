@@ -360,21 +360,30 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
                  f"(seed {sd.get('train', {}).get('seed')}), "
                  f"{f'started from stage {i - 1}' if stc.get('init_from') and i > 1 else 'init `' + str(stc.get('init')) + '`'}, loss weights "
                  f"{json.dumps(stc.get('loss_weights') or 'defaults')}, teacher-forced degradation "
-                 f"{stc.get('true_degradation_in_training')}.")
+                 f"{stc.get('true_degradation_in_training')}{_soft_note(stc)}.")
     if stages:
         L.append(f"- Stage {len(stages) + 1} (the shipped weights) continues from stage {len(stages)}:")
     td = tr.get("training_data", {})
-    kind = "training samples" if td.get("dataset") else "synthetic training cases"
-    L.append(f"- Data: `{td.get('generator', 'SyntheticPairs')}` — {td.get('train', {}).get('cases')} {kind} "
+    ds = td.get("dataset")
+    if ds:
+        tt = td.get("train", {})
+        samples = (f"{tt.get('cases')} training samples ({tt.get('dataset_samples')} from the {ds.get('train_cases')} "
+                   f"cases of {ds.get('train_subjects')} subjects, {tt.get('synthetic_samples')} synthetic pairs)")
+        options = f"dataset options {json.dumps(ds.get('folder_options') or {})}, options {json.dumps(td.get('options', {}))}"
+    else:
+        samples = f"{td.get('train', {}).get('cases')} synthetic training cases"
+        options = f"options {json.dumps(td.get('options', {}))}"
+    L.append(f"- Data: `{td.get('generator', 'SyntheticPairs')}` — {samples} "
              f"(seed {td.get('train', {}).get('seed')}), {td.get('validation', {}).get('cases')} validation cases "
-             f"(seed {td.get('validation', {}).get('seed')}) at {cfg['working_size']}³; options {json.dumps(td.get('options', {}))}.")
+             f"(seed {td.get('validation', {}).get('seed')}) at {cfg['working_size']}³; {options}.")
     L.append(f"- Optimisation: AdamW, lr {tc.get('lr')} → {tc.get('lr_min')} cosine ({tc.get('warmup_steps')} warm-up steps), "
              f"{'lr multiplied by ' + json.dumps(tc['lr_multipliers']) + ' for parameters with those name prefixes, ' if tc.get('lr_multipliers') else ''}"
              f"weight decay {tc.get('weight_decay')}, gradient clipping at L2 norm {tc.get('grad_clip')}, batch {tc.get('batch_size')}, "
              f"{tr.get('step')} of {tc.get('steps')} steps (checkpoint `{tr.get('checkpoint')}`, selected by {tr.get('best_by', 'last step')}); "
              f"loss weights {json.dumps(tc.get('loss_weights') or 'defaults of LossWeights')}; "
              f"{'started from the checkpoint above' if tc.get('init_from') else 'initialisation ' + str(tc.get('init'))}; "
-             f"teacher-forced degradation class in training steps: {tc.get('true_degradation_in_training')}.")
+             f"teacher-forced degradation class in training steps: {tc.get('true_degradation_in_training')}"
+             f"{_soft_note(tc)}.")
     L.append(f"- Compute: {comp.get('device')} — {comp.get('cpu')}, {comp.get('cpu_threads')} threads, "
              f"AMP {comp.get('amp')}, training wall time {_fmt((comp.get('wall_time_s') or 0) / 60, 1)} min at export, "
              f"torch {comp.get('torch')}; exported {tr.get('date_utc')}.")
@@ -441,12 +450,14 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
 
 
 LIMITATIONS = (
-    "Trained on synthetic brain volumes, then fine-tuned on crops of the 12 real training cases (6 subjects) of "
-    "`unifuse data real`. On the real-anatomy validation cases of `unifuse bench --real` (docs/benchmark.md, "
+    "Trained on synthetic brain volumes, then fine-tuned twice on crops of the 12 real training cases (6 "
+    "subjects) of `unifuse data real`, the second time with residual deformations of up to ~10 mm and soft "
+    "degradation-class mixtures. On the real-anatomy validation cases of `unifuse bench --real` (docs/benchmark.md, "
     "2026-12-03) the pipeline's guard rejected this network's deformable field on every case (3 mm working grid "
     "after an MI affine), also on the same cases rebuilt with larger non-rigid deformations, so the alignment "
     "there comes from the affine stage and the guarded MIND-SSC refinement; the fused and restored volumes are "
-    "the network's.",
+    "the network's. Its alignment features do not encode the residual misalignment of real crops (a linear "
+    "read-out of its field head's input explains none of it, against 91 % on synthetic pairs; docs/training.md).",
     "Not a medical device; not for clinical use or diagnosis.",
     "Trained on CPU for a short schedule on 32³ grids; far less training than the paper (500 epochs at 160³ on a "
     "GPU). The fusion runs at the reference's resolution, but the fused and restored volumes are smoother than "
@@ -471,6 +482,12 @@ def training_limitations(report: Dict[str, Any]) -> List[str]:
             "Q_scd) than a max-target network; see docs/training.md."
         )
     return items
+
+
+def _soft_note(train_config: Dict[str, Any]) -> str:
+    """", soft class mixtures for N % of the samples" when the run softened the teacher-forced class."""
+    fraction = train_config.get("soft_degradation_fraction") or 0.0
+    return f", soft class mixtures for {100 * fraction:.0f} % of the samples" if fraction else ""
 
 
 def write_model_card(report: Dict[str, Any], out_dir: Union[str, Path]) -> Tuple[Path, Path]:
