@@ -349,7 +349,9 @@ def test_restored_output_and_nothing_to_restore_when_the_degradation_is_none():
     motion = fuse(reference, moving, degradation="motion", **options)  # tiny has the restoration output
     assert motion.restored is not None and motion.restored.GetSize() == reference.GetSize()
     assert motion.report["restored"] == "moving units"
+    assert any("restored.nii.gz" in n and "not verified" in n for n in motion.report["notes"])  # the user is told
     assert not np.allclose(sitk.GetArrayFromImage(motion.restored), sitk.GetArrayFromImage(motion.aligned))
     clean = fuse(reference, moving, degradation="none", **options)
     assert "unchanged" in clean.report["restored"]
+    assert not any("restored.nii.gz" in n for n in clean.report["notes"])
     assert np.array_equal(sitk.GetArrayFromImage(clean.restored), sitk.GetArrayFromImage(clean.aligned))

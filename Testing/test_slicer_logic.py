@@ -280,6 +280,13 @@ def test_summary_lists_diagnosis_timings_device_and_model(run):
     assert "Moving modality: MRI or PET (measured by the HU scale)" in text.splitlines()
 
 
+def test_summary_shows_the_core_notes():
+    report = {**_report(), "notes": ["the restored output (restored.nii.gz) is ... not verified"]}
+    lines = logic.format_summary("motion", {"motion": 1.0}, report).splitlines()
+    assert lines[-1] == "Note: the restored output (restored.nii.gz) is ... not verified"
+    assert not [l for l in logic.format_summary("none", {"none": 1.0}, _report()).splitlines() if l.startswith("Note:")]
+
+
 def _report(modality=None, slicer_note=None):
     report = {"degradation": {"requested": "auto", "predicted": "none", "used": "none"}, "device": "cpu"}
     if modality is not None:

@@ -81,14 +81,18 @@ class UniFuseSlicer(ScriptedLoadableModule):
 artifacts, CT with metal artifacts and noise, or low-dose PET. UniFuse aligns it to the <b>reference</b>
 volume, reduces the degradation and computes a fused volume, with one network.</p>
 <p>Select the two volumes and press <b>Apply</b>. You get the fused volume, the aligned moving volume, the
-transform (to show the moving volume aligned), maps of the remaining misalignment before and after, and a map
-of where the transform folds space (red). <b>Display</b> switches what is shown on top of the reference;
-<b>Results</b> lists the detected degradation, the time taken and any warning.</p>
+restored moving volume, the transform (to show the moving volume aligned), maps of the remaining misalignment
+before and after, and a map of where the transform folds space (red). <b>Display</b> switches what is shown
+on top of the reference; <b>Results</b> lists the detected degradation, the time taken and any warning or
+note.</p>
 <p><b>Limitations.</b> For research use only, <b>not for clinical use</b>. The network was trained on
-synthetic image pairs (made from a brain template), not on patient data, so check every result against the
-source images. When a step of the alignment does not improve the match (judged without ground truth), the
-pipeline keeps the result of the previous step and says so in <b>Results</b>; when no step helps, the
-moving volume is only placed by its header geometry and a warning is shown.</p>
+synthetic image pairs (made from a brain template) and fine-tuned on a few real head and chest scans with
+simulated second modalities, not on patient data like yours, so check every result against the source images.
+When a step of the alignment does not improve the match (judged without ground truth), the pipeline
+keeps the result of the previous step and says so in <b>Results</b>; when no step helps, the moving volume is
+only placed by its header geometry and a warning is shown. The restored volume (the degradation-specific
+restoration of the aligned moving volume) cannot be checked without a clean scan: compare it with the aligned
+volume, which is left unrestored.</p>
 <p>Scripting: <code>UniFuseSlicer.UniFuseSlicerLogic().process(referenceNode, movingNode)</code>.
 See the <a href="{docs}">module documentation</a>.</p>
 <p>If you use this module, please cite the method paper: {citation}</p>

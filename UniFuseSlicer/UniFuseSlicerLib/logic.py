@@ -193,7 +193,7 @@ class FusionNodes:
 
 
 def format_summary(degradation: str, probabilities: Mapping[str, float], report: Mapping[str, Any]) -> str:
-    """Plain-text status of a run: diagnosis with probabilities, timings, device, model, warnings."""
+    """Plain-text status of a run: diagnosis with probabilities, timings, device, model, warnings, notes."""
     from unifuse.config import DEGRADATION_LABELS
 
     lines = [f"Degradation used: {DEGRADATION_LABELS.get(degradation, degradation)}"]
@@ -223,6 +223,8 @@ def format_summary(degradation: str, probabilities: Mapping[str, float], report:
         lines.append(f"Mean alignment error: {float(errors['before']):.4f} before -> {float(errors['after']):.4f} after")
     if report.get("warning"):
         lines.append(f"WARNING: {report['warning']}")
+    # what the core told the user along the way (e.g. the restored volume is unverified, a coarser grid)
+    lines += [f"Note: {note}" for note in report.get("notes") or [] if isinstance(note, str)]
     return "\n".join(lines)
 
 
