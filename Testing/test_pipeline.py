@@ -355,3 +355,35 @@ def test_restored_output_and_nothing_to_restore_when_the_degradation_is_none():
     assert "unchanged" in clean.report["restored"]
     assert not any("restored.nii.gz" in n for n in clean.report["notes"])
     assert np.array_equal(sitk.GetArrayFromImage(clean.restored), sitk.GetArrayFromImage(clean.aligned))
+
+
+def test_guard_falls_back_to_the_rigid_step_when_the_affine_step_is_worse(monkeypatch):
+    from unifuse import pipeline
+    from unifuse.registration.affine import AffineResult
+
+    t = np.array([4.0, -3.0, 2.5])
+    reference = _image(**REF_GEOM, fn=_blobs)
+    moving = _image(**MOV_GEOM, fn=lambda y: 1.0 - 0.8 * _blobs(y - t))  # moving(x + t) shows reference(x)
+    rigid = sitk.TranslationTransform(3, t.tolist())
+    bad = sitk.AffineTransform(3)  # an affine step that went astray: scaled and shifted the wrong way
+    bad.SetMatrix((1.3, 0, 0, 0, 0.8, 0, 0, 0, 1.25))
+    bad.SetCenter(CENTRE.tolist())
+    bad.SetTranslation((-t).tolist())
+
+    def register(reference, moving, initial, **kwargs):
+        return AffineResult(transform=bad, rigid=rigid, stage_kept="affine", start="header", metric={},
+                            iterations={}, seconds={}, parameters={})
+
+    monkeypatch.setattr(pipeline, "register_affine", register)
+    options = dict(network=False, refine="none", spacing_mm=SPACING, device="cpu")
+    result = fuse(reference, moving, model=_loaded(FieldNet()), **options)
+    stage = result.report["alignment"]["stages"]["affine"]
+    assert stage["kept"] is True and stage["score"] < 0.9 * stage["previous_score"]
+    assert result.report["global_transform"]["step"] == "rigid"
+    assert next(s for s in result.report["stages"] if s["name"] == "affine")["details"]["guard_kept_step"] == "rigid"
+    assert any("affine step made the alignment score worse" in n and "rigid step" in n for n in result.report["notes"])
+    np.testing.assert_allclose(result.global_transform.TransformPoint(CENTRE.tolist()), CENTRE + t, atol=1e-6)
+    assert "warnings" not in result.report
+    # without the guard the affine step is kept as it came
+    unguarded = fuse(reference, moving, model=_loaded(FieldNet()), guard=False, **options)
+    assert unguarded.report["global_transform"]["step"] == "affine"

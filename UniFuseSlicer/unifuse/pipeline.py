@@ -439,6 +439,17 @@ def _deformable_stages(
     for cand, g in zip(candidates[1:], globals_[1:]):  # the affine stage, judged on the working grid
         keep, before, after = guard.compare(current, cand)
         record = run.report.stage(g.name)
+        if not keep and g.fallback is not None:  # the stage's rigid step, before giving the whole stage up
+            fallback = stages.global_candidate(g.name, mov_img, g.fallback, work, masks[1])
+            keep_fallback, before_fallback, after_fallback = guard.compare(current, fallback)
+            if keep_fallback:
+                run.note(f"the {g.name} stage's affine step made the alignment score worse ({before:.4f} -> "
+                         f"{after:.4f}); its rigid step improved it ({before_fallback:.4f} -> {after_fallback:.4f}) "
+                         "and is kept")
+                cand, g = fallback, stages.GlobalStage(g.name, g.fallback, g.details, step="rigid")
+                keep, before, after = True, before_fallback, after_fallback
+        if g.step:  # the affine stage: which of its steps the guard kept
+            record.details = {**(record.details or {}), "guard_kept_step": g.step if keep else "none"}
         record.kept, record.previous_score, record.score = keep, before, after
         if keep:
             current, kept_global = cand, g
@@ -619,7 +630,9 @@ def fuse(
                 settings=AffineSettings(affine=opts.affine == "affine"), cancel=run.check_cancel,
             )
             rec.details = affine_result.to_dict()
-            globals_.append(stages.GlobalStage("affine", affine_result.transform))
+            rigid_fallback = affine_result.rigid if affine_result.stage_kept == "affine" else None
+            globals_.append(stages.GlobalStage("affine", affine_result.transform, fallback=rigid_fallback,
+                                               step=affine_result.stage_kept))
 
     outcome = run_with_fallback(
         network_attempts(opts.working_spacing_mm, dev),
@@ -700,7 +713,7 @@ def fuse(
         },
         "pre_alignment": opts.init,
         "overlap_fraction": report.stage("header").details["overlap_fraction"],
-        "global_transform": {"stage": kept_global.name,
+        "global_transform": {"stage": kept_global.name, "step": kept_global.step or kept_global.name,
                              "direction": "reference -> moving LPS mm points (ITK resampling convention)"},
         "normalization": {
             "reference": {**ref_norm.to_dict(), "sampled_every": ref_step},

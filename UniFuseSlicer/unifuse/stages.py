@@ -83,11 +83,18 @@ def header_transform(reference: sitk.Image, moving: sitk.Image, init: str) -> Tu
 
 @dataclass
 class GlobalStage:
-    """A global transform (reference LPS -> moving LPS points) proposed by the header or affine stage."""
+    """A global transform (reference LPS -> moving LPS points) proposed by the header or affine stage.
+
+    ``fallback``: a simpler transform of the same stage (the affine stage's rigid step, same direction) that
+    the guard tries when it rejects ``transform``, before giving the stage up; ``step``: which of the two
+    this is (``"affine"``, ``"rigid"``; empty for the header).
+    """
 
     name: str
     transform: sitk.Transform
     details: Dict[str, Any] = field(default_factory=dict)
+    fallback: Optional[sitk.Transform] = None
+    step: str = ""
 
 
 @dataclass
