@@ -92,8 +92,8 @@ class FusionResult:
         probabilities: classifier probabilities per class.
         report: JSON-serialisable run report (:meth:`unifuse.report.RunReport.to_dict`: stages with times
             and guard scores, device, model, working grid, normalisation, degradation, warnings).
-        global_transform: the kept global (header, affine, or the affine stage's rigid step) transform, reference -> moving LPS points
-            (ITK's resampling convention); written as ``affine.tfm``.
+        global_transform: the kept global (header, affine, or the affine stage's rigid step) transform,
+            reference -> moving LPS points (ITK's resampling convention); written as ``affine.tfm``.
         restored: float32 aligned moving volume after the network's degradation-specific restoration, in
             the moving's units (``map_back``; else [0, 1]); None for networks without the restoration output
             (``ModelConfig.restoration_head``; then no ``restored.nii.gz`` is written).
