@@ -345,7 +345,8 @@ def test_soft_mixtures_change_what_the_prompts_see_and_only_when_asked(tmp_path)
     base = _tiny(steps=2, val_every=2, checkpoint_every=2, true_degradation_in_training=True)
     losses = {}
     for name, fraction in (("one_hot", 0.0), ("soft", 1.0)):
-        trainer = Trainer(base.replace(soft_degradation_fraction=fraction), tmp_path / name, device="cpu", log_stream=None)
+        trainer = Trainer(base.replace(soft_degradation_fraction=fraction), tmp_path / name, device="cpu",
+                          log_stream=None)
         batch = next(iter(trainer.val_batches))
         seen = {}
 

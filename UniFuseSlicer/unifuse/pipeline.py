@@ -676,8 +676,8 @@ def fuse(
         else:
             restored = on_reference(restored_u, mov_norm)
             restoration_note = "moving units" if opts.map_back else "[0, 1]"
-            run.note(f"the restored output (restored.nii.gz) is the network's '{used}' restoration of the aligned volume "
-                     "and is not verified: without a clean scan no check can tell whether it removed artifact or "
+            run.note(f"the restored output (restored.nii.gz) is the network's '{used}' restoration of the aligned "
+                     "volume and is not verified: without a clean scan no check can tell whether it removed artifact or "
                      "structure (on the real validation cases it raised PSNR every time but sometimes lowered SSIM; "
                      "docs/benchmark.md); the aligned output (aligned.nii.gz) is the unrestored volume")
         rec.details = {"grid_size": list(fusion_on.GetSize()), "grid_spacing_mm": list(fusion_on.GetSpacing()),

@@ -126,12 +126,14 @@ class TrainConfig:
             not applied). None = a freshly initialised network.
         true_degradation_in_training: feed the true degradation class (one-hot) to the prompts and the ALSN
             LoRA mixing during training steps instead of the classifier's p (teacher forcing); the classifier
-            is then trained by L_ce alone. Validation and inference always use the classifier's p.
+            is then trained by L_ce alone. Validation uses the classifier's p (the pipeline mixes with its
+            calibrated probabilities, :mod:`unifuse.degradation_evidence`).
         soft_degradation_fraction: with ``true_degradation_in_training``, the fraction in [0, 1] of training
             samples whose prompts and ALSN mix the classes with a *soft* probability vector instead of the
             one-hot true class, as at inference, where the pipeline mixes with calibrated probabilities
-            (:func:`unifuse.train.trainer.soft_class_weights`: the one-hot vector blended with a random one, sometimes so far that
-            another class wins). 0 = one-hot only (and no random draw, so older runs replay unchanged).
+            (:func:`unifuse.train.trainer.soft_class_weights`: the one-hot vector blended with a random one,
+            sometimes so far that another class wins). 0 = one-hot only (and no random draw, so older runs
+            replay unchanged).
         val_every: validate every this many steps (and at the last step).
         checkpoint_every: write the resumable training state every this many steps (and at the last step).
         log_every: print a progress line on stderr every this many steps.

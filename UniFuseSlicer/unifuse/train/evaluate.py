@@ -369,7 +369,8 @@ def _model_card_markdown(card: Dict[str, Any]) -> str:
         tt = td.get("train", {})
         samples = (f"{tt.get('cases')} training samples ({tt.get('dataset_samples')} from the {ds.get('train_cases')} "
                    f"cases of {ds.get('train_subjects')} subjects, {tt.get('synthetic_samples')} synthetic pairs)")
-        options = f"dataset options {json.dumps(ds.get('folder_options') or {})}, options {json.dumps(td.get('options', {}))}"
+        options = (f"dataset options {json.dumps(ds.get('folder_options') or {})}, "
+                   f"options {json.dumps(td.get('options', {}))}")
     else:
         samples = f"{td.get('train', {}).get('cases')} synthetic training cases"
         options = f"options {json.dumps(td.get('options', {}))}"
